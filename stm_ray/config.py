@@ -214,9 +214,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".")]
     if not key.strip() or any(not p for p in path):
         raise ConfigError(f"override {item!r}: empty key segment")
+    stripped = raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw) if stripped else ""
     except yaml.YAMLError:
+        value = raw
+    # Plain text stays verbatim ("Query: " keeps its colon and trailing space); YAML only for numbers, booleans,
+    # null, quoted strings and explicit [lists] / {mappings}.
+    if isinstance(value, (dict, list)) and not stripped.startswith(("[", "{")):
+        value = raw
+    elif isinstance(value, str) and not stripped.startswith(("'", '"')):
         value = raw
     return path, value
 

