@@ -39,7 +39,7 @@ def test_bad_corpus_rows_name_file_line_field(tmp_path, line, field, reason):
     with pytest.raises(DataError) as e:
         load_task(f"beir:{folder}", strict=True)
     msg = str(e.value)
-    assert f"corpus.jsonl:4: " in msg and reason in msg
+    assert "corpus.jsonl:4: " in msg and reason in msg
     if field:
         assert f"field '{field}'" in msg
     # non-strict: the bad row is skipped, counted and reported; nothing else is lost

@@ -35,7 +35,10 @@ META_FILE = "stm_ray.json"
 
 def is_decoder_config(config) -> bool:
     """Decoder-only LLM: has a causal-LM head class and no masked-LM one (BERT-likes have both)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     mt = getattr(config, "model_type", "")
     if getattr(config, "is_encoder_decoder", False):
