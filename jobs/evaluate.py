@@ -12,23 +12,15 @@ import sys
 from pathlib import Path
 
 from stm_ray.config import load_config
-from stm_ray.eval import evaluate, format_table
-from stm_ray.modeling import Embedder
+from stm_ray.eval import evaluate_tasks, results_table
 from stm_ray.utils import setup_logging
 
 
 def main(argv: list[str]) -> int:
     setup_logging()
     cfg = load_config(argv[0] if argv else None, argv[1:])
-    emb = Embedder.from_config(cfg.model)
-    rows = []
-    for task in cfg.data.tasks:
-        out = Path(cfg.run_dir) / "eval" / (task.replace(":", "_").replace("/", "_") + ".json")
-        r = evaluate(emb, task, cfg.data.test_split, eval_cfg=cfg.eval, strict=cfg.data.strict,
-                     max_queries=cfg.data.max_queries, output=out)
-        rows.append({"task": task, "queries": r.num_queries, "NDCG@10": r.ndcg_at_10,
-                     "Recall@100": r.scores.get("recall_at_100", float("nan"))})
-    print(format_table(rows, list(rows[0])))
+    results = evaluate_tasks(cfg, output=Path(cfg.run_dir) / "eval")
+    print(results_table(results))
     return 0
 
 

@@ -113,41 +113,20 @@ def cmd_data(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from stm_ray.config import load_config
-    from stm_ray.eval import evaluate, format_table
-    from stm_ray.modeling import Embedder
+    from stm_ray.eval import evaluate_tasks, results_table
 
     cfg = load_config(args.config, args.overrides)
-    model_cfg = cfg.model if args.model is None else cfg.model.model_copy(update={"name_or_path": args.model})
-    tasks = args.task or cfg.data.tasks
-    split = args.split or cfg.data.test_split
-    emb = Embedder.from_config(model_cfg)
-    rows = []
-    for task in tasks:
-        out = None
-        if args.output:
-            out = Path(args.output)
-            if len(tasks) > 1 or out.suffix != ".json":
-                out = out / (task.replace(":", "_").replace("/", "_") + ".json")
-        r = evaluate(emb, task, split, eval_cfg=cfg.eval, strict=args.strict or cfg.data.strict,
-                     max_queries=args.max_queries or cfg.data.max_queries, use_mteb=args.mteb or None, output=out)
-        row = {"task": task, "split": split, "queries": r.num_queries, "docs": r.num_documents,
-               "NDCG@10": r.scores["ndcg_at_10"], "Recall@10": r.scores.get("recall_at_10", float("nan")),
-               "Recall@100": r.scores.get("recall_at_100", float("nan")), "MRR@10": r.scores.get("mrr_at_10", float("nan"))}
-        if r.mteb_scores is not None:
-            row["mteb NDCG@10"] = r.mteb_scores["ndcg_at_10"]
-        rows.append(row)
-        if out:
-            logging.getLogger("stm_ray").info("wrote %s", out)
-    cols = list(rows[0])
-    print(f"\nmodel: {model_cfg.name_or_path}")
-    print(format_table(rows, cols))
+    results = evaluate_tasks(cfg, model=args.model, tasks=args.task, split=args.split, output=args.output,
+                             max_queries=args.max_queries, use_mteb=args.mteb or None, strict=args.strict or None)
+    print(f"\nmodel: {args.model or cfg.model.name_or_path}")
+    print(results_table(results))
     return 0
 
 
 def cmd_demo(args) -> int:
     from stm_ray.config import load_config
     from stm_ray.data import load_task
-    from stm_ray.eval import evaluate_split, format_table
+    from stm_ray.eval import evaluate, format_table
     from stm_ray.modeling import Embedder
     from stm_ray.utils import atomic_write_json, atomic_write_text
 
@@ -158,13 +137,10 @@ def cmd_demo(args) -> int:
     task_spec = cfg.data.tasks[0]
     log.info("loading task %s", task_spec)
     task = load_task(task_spec, strict=cfg.data.strict)
-    split = task.split(cfg.data.test_split, max_queries=args.max_queries or cfg.data.max_queries)
     log.info("loading base model %s", cfg.model.name_or_path)
     emb = Embedder.from_config(cfg.model)
-    log.info("encoding %d documents and %d queries", len(split.corpus), len(split))
-    res = evaluate_split(emb, split, k_values=tuple(cfg.eval.k_values), top_k=cfg.eval.top_k,
-                         corpus_chunk_size=cfg.eval.corpus_chunk_size, show_progress=True,
-                         model_name=cfg.model.name_or_path)
+    res = evaluate(emb, task, cfg.data.test_split, eval_cfg=cfg.eval,
+                   max_queries=args.max_queries or cfg.data.max_queries, show_progress=True)
     res.task = task_spec
     # per clinical area, when the task has one
     rows = []

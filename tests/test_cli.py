@@ -31,3 +31,22 @@ def test_demo_runs_and_writes_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ALL" in out and "NDCG@10" in out
     assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "eval" / "base.json").is_file()
+
+
+def test_job_entrypoint_evaluates_every_configured_task(tiny_bert_dir, tiny_beir, tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("job_evaluate", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    run = tmp_path / "run"
+    assert job.main([str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "local.yaml"),
+                     f"run_dir={run}", f"model.name_or_path={tiny_bert_dir}",
+                     f"data.tasks=['beir:{tiny_beir}', 'icd10:22']"]) == 0
+    assert "NDCG@10" in capsys.readouterr().out
+    files = sorted(p.name for p in (run / "eval").glob("*.json"))
+    assert len(files) == 2 and files[1] == "icd10_22.json"
+    assert "ndcg_at_10" in json.loads((run / "eval" / "icd10_22.json").read_text())["scores"]["test"][0]

@@ -1,7 +1,15 @@
 """Evaluation: exact search, trec_eval-style metrics, the mteb adapter, tables."""
 
-from stm_ray.eval.evaluate import EvalResult, evaluate, evaluate_split, format_table
+from stm_ray.eval.evaluate import (
+    EvalResult,
+    evaluate,
+    evaluate_split,
+    evaluate_tasks,
+    format_table,
+    results_table,
+)
 from stm_ray.eval.metrics import evaluate_run
 from stm_ray.eval.search import exact_search
 
-__all__ = ["EvalResult", "evaluate", "evaluate_run", "evaluate_split", "exact_search", "format_table"]
+__all__ = ["EvalResult", "evaluate", "evaluate_run", "evaluate_split", "evaluate_tasks", "exact_search", "format_table",
+           "results_table"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stm_ray.data import RetrievalSplit, load_task
+from stm_ray.data import RetrievalSplit, RetrievalTask, load_task
 from stm_ray.eval.metrics import evaluate_run
 from stm_ray.eval.search import exact_search, to_run
 from stm_ray.utils import atomic_write_json
@@ -64,10 +64,11 @@ def evaluate_split(embedder, split: RetrievalSplit, *, k_values=(1, 3, 5, 10, 10
                       per_query)
 
 
-def evaluate(model, task: str, split: str = "test", *, model_cfg=None, eval_cfg=None, strict: bool = False,
-             max_queries: int | None = None, use_mteb: bool | None = None, output: str | Path | None = None,
-             show_progress: bool = True) -> EvalResult:
-    """Library entry point of ``stm-ray evaluate``: ``model`` is an Embedder, a folder, a hub id or an alias."""
+def evaluate(model, task: str | RetrievalTask, split: str = "test", *, model_cfg=None, eval_cfg=None,
+             strict: bool = False, max_queries: int | None = None, use_mteb: bool | None = None,
+             output: str | Path | None = None, show_progress: bool = True) -> EvalResult:
+    """Evaluate one task split. ``model`` is an Embedder, a folder, a hub id or an alias; ``task`` a spec or a
+    task already loaded (so callers that need its tables too load it once)."""
     from stm_ray.config import EvalConfig, ModelConfig
     from stm_ray.modeling import Embedder
 
@@ -75,13 +76,14 @@ def evaluate(model, task: str, split: str = "test", *, model_cfg=None, eval_cfg=
     if not isinstance(model, Embedder):
         cfg = (model_cfg or ModelConfig()).model_copy(update={"name_or_path": str(model)})
         model = Embedder.from_config(cfg)
-    t = load_task(task, strict=strict)
+    t = load_task(task, strict=strict) if isinstance(task, str) else task
+    spec = task if isinstance(task, str) else t.name
     sp = t.split(split, max_queries=max_queries)
-    log.info("evaluating %s on %s/%s: %d queries, %d documents", model.name_or_path, task, split, len(sp), len(sp.corpus))
+    log.info("evaluating %s on %s/%s: %d queries, %d documents", model.name_or_path, spec, split, len(sp), len(sp.corpus))
     res = evaluate_split(model, sp, k_values=tuple(eval_cfg.k_values), top_k=eval_cfg.top_k,
                          corpus_chunk_size=eval_cfg.corpus_chunk_size, show_progress=show_progress,
                          model_name=model.name_or_path)
-    res.task = task
+    res.task = spec
     if use_mteb if use_mteb is not None else eval_cfg.use_mteb:
         from stm_ray.eval.mteb_adapter import mteb_scores
 
@@ -89,6 +91,51 @@ def evaluate(model, task: str, split: str = "test", *, model_cfg=None, eval_cfg=
     if output:
         atomic_write_json(output, res.to_mteb_json())
     return res
+
+
+def result_path(output: str | Path, task: str, n_tasks: int = 1) -> Path:
+    """``output`` is a .json file for a single task, otherwise a folder holding ``<task>.json`` per task."""
+    out = Path(output)
+    if n_tasks > 1 or out.suffix != ".json":
+        out = out / (task.replace(":", "_").replace("/", "_") + ".json")
+    return out
+
+
+def evaluate_tasks(cfg, *, model: str | None = None, tasks: list[str] | None = None, split: str | None = None,
+                   output: str | Path | None = None, max_queries: int | None = None, use_mteb: bool | None = None,
+                   strict: bool | None = None) -> list[EvalResult]:
+    """The evaluate stage over a :class:`PipelineConfig`: one model (loaded once) on every configured task.
+
+    Arguments left as None come from the config (``model.name_or_path``, ``data.tasks``, ``data.test_split``, ...).
+    """
+    from stm_ray.modeling import Embedder
+
+    model_cfg = cfg.model if model is None else cfg.model.model_copy(update={"name_or_path": model})
+    tasks = tasks or cfg.data.tasks
+    emb = Embedder.from_config(model_cfg)
+    results = []
+    for task in tasks:
+        out = result_path(output, task, len(tasks)) if output else None
+        results.append(evaluate(emb, task, split or cfg.data.test_split, eval_cfg=cfg.eval,
+                                strict=cfg.data.strict if strict is None else strict,
+                                max_queries=max_queries or cfg.data.max_queries, use_mteb=use_mteb, output=out))
+        if out:
+            log.info("wrote %s", out)
+    return results
+
+
+def results_table(results: list[EvalResult]) -> str:
+    """One row per task: queries, documents, NDCG@10, Recall@10/100, MRR@10 (and mteb's NDCG@10 when checked)."""
+    rows = []
+    for r in results:
+        row = {"task": r.task, "split": r.split, "queries": r.num_queries, "docs": r.num_documents,
+               "NDCG@10": r.scores["ndcg_at_10"], "Recall@10": r.scores.get("recall_at_10", float("nan")),
+               "Recall@100": r.scores.get("recall_at_100", float("nan")), "MRR@10": r.scores.get("mrr_at_10", float("nan"))}
+        if r.mteb_scores is not None:
+            row["mteb NDCG@10"] = r.mteb_scores["ndcg_at_10"]
+        rows.append(row)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return format_table(rows, columns)
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str], floatfmt: str = "{:.4f}") -> str:
