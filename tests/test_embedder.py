@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -45,6 +47,10 @@ def test_encoder_folder_loads_in_sentence_transformers(tiny_bert_dir, tmp_path, 
     np.testing.assert_allclose(st.encode_document(TEXTS), e.encode_corpus(TEXTS), atol=1e-5)
     again = Embedder.from_pretrained(str(out))
     assert (again.pooling, again.query_instruction, again.max_length) == (pooling, "query: ", 16)
+    # the classic layout: sentence-transformers 5 and vLLM's pooling reader understand it, not only ST 6
+    cfg = json.loads((out / "1_Pooling" / "config.json").read_text())
+    assert cfg["pooling_mode_mean_tokens"] is (pooling == "mean") and cfg["pooling_mode_cls_token"] is (pooling == "cls")
+    assert json.loads((out / "modules.json").read_text())[0]["type"] == "sentence_transformers.models.Transformer"
 
 
 def test_decoder_eos_pooling_appends_eos_after_truncation(tiny_llama_dir):

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 Pooling = Literal["mean", "cls", "eos"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ST_POOLING = {"mean": "mean", "cls": "cls", "eos": "lasttoken"}
+# our pooling name -> the key of sentence-transformers' classic 1_Pooling/config.json (also read by vLLM)
+_ST_POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "eos": "pooling_mode_lasttoken"}
+_ST_OTHER_POOLING_KEYS = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
 META_FILE = "stm_ray.json"
 
 
@@ -73,12 +75,10 @@ def read_st_folder(path: Path) -> dict[str, Any]:
             mode = cfg.get("pooling_mode")
             if isinstance(mode, list):
                 mode = mode[0] if len(mode) == 1 else None
-            if mode is None:
-                for key, name in (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
-                                  ("pooling_mode_lasttoken", "lasttoken")):
-                    if cfg.get(key):
-                        mode = name
-            out["pooling"] = {"cls": "cls", "mean": "mean", "lasttoken": "eos"}.get(mode or "", None)
+            if mode is not None:  # sentence-transformers >= 6 layout
+                out["pooling"] = {"cls": "cls", "mean": "mean", "lasttoken": "eos"}.get(mode)
+            else:
+                out["pooling"] = next((ours for ours, key in _ST_POOLING_KEYS.items() if cfg.get(key)), None)
         elif kind.endswith("Normalize"):
             out["normalize"] = True
     prompts = _read_json(path / "config_sentence_transformers.json").get("prompts") or {}
@@ -322,30 +322,48 @@ class Embedder(nn.Module):
                 "query_instruction": self.query_instruction, "document_instruction": self.document_instruction,
                 "is_decoder": self.is_decoder, "bidirectional": self.bidirectional, "base": self.name_or_path}
 
+    def _write_sentence_transformers_config(self, folder: Path) -> None:
+        """The classic sentence-transformers layout (as all-MiniLM-L6-v2 ships it): sentence-transformers 5 and 6
+        and vLLM's pooling-config reader all understand it, and writing it needs no second model load."""
+        import sentence_transformers
+        import transformers
+
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if self.normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+            (folder / "2_Normalize").mkdir(exist_ok=True)
+        pooling = {"word_embedding_dimension": self.dim}
+        pooling |= {key: ours == self.pooling for ours, key in _ST_POOLING_KEYS.items()}
+        pooling |= {key: False for key in _ST_OTHER_POOLING_KEYS}
+        pooling["include_prompt"] = True
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        files = {
+            "modules.json": modules,
+            "sentence_bert_config.json": {"max_seq_length": self.max_length, "do_lower_case": False},
+            "1_Pooling/config.json": pooling,
+            "config_sentence_transformers.json": {
+                "__version__": {"sentence_transformers": sentence_transformers.__version__,
+                                "transformers": transformers.__version__, "pytorch": torch.__version__},
+                "prompts": {"query": self.query_instruction, "document": self.document_instruction},
+                "default_prompt_name": None, "similarity_fn_name": "cosine" if self.normalize else "dot"},
+        }
+        for name, obj in files.items():
+            (folder / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
     def save(self, path: str | os.PathLike, extra_metadata: dict[str, Any] | None = None) -> Path:
         """Write a sentence-transformers folder (weights with LoRA merged), atomically: temp folder, then rename."""
-        from sentence_transformers import SentenceTransformer
-        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            backbone = self.merged_backbone()
-            backbone.save_pretrained(tmp, safe_serialization=True)
+            self.merged_backbone().save_pretrained(tmp, safe_serialization=True)
             # sentence-transformers >= 6 formats texts with a tokenizer's chat template when it has one;
             # an embedding folder must tokenize plain text, as encode() does.
             tok = copy.deepcopy(self.tokenizer)
             tok.chat_template = None
             tok.save_pretrained(tmp)
-            modules: list[nn.Module] = [Transformer(str(tmp), max_seq_length=self.max_length),
-                                        Pooling(self.dim, pooling_mode=_ST_POOLING[self.pooling])]
-            if self.normalize:
-                modules.append(Normalize())
-            st = SentenceTransformer(modules=modules, device="cpu",
-                                     prompts={"query": self.query_instruction, "document": self.document_instruction},
-                                     similarity_fn_name="cosine" if self.normalize else "dot")
-            st.save(str(tmp))
+            self._write_sentence_transformers_config(tmp)
             meta = self.metadata() | (extra_metadata or {})
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             if path.exists():
