@@ -33,7 +33,7 @@ test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check stm_ray tests benchmarks
+	$(BIN)/ruff check stm_ray tests benchmarks jobs
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/eval_reference.py

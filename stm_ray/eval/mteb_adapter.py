@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import re
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from stm_ray.data.task import RetrievalSplit
 
 
+@cache
 def _encoder_class():
     from mteb.models.abs_encoder import AbsEncoder
     from mteb.types import PromptType
@@ -45,7 +47,7 @@ def MtebEncoder(embedder, name: str = "stm-ray/embedder"):  # noqa: N802 - reads
     return _encoder_class()(embedder, name)
 
 
-def local_retrieval_task(split: RetrievalSplit, corpus_titles: list[str] | None = None):
+def local_retrieval_task(split: RetrievalSplit):
     """An mteb retrieval task over one of our splits (documents as already-joined text; no download)."""
     from datasets import Dataset
     from mteb.abstasks.retrieval import AbsTaskRetrieval

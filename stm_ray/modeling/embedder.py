@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -265,8 +266,6 @@ class Embedder(nn.Module):
         self.eval()
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-        import sys
-
         interval = 0.1 if sys.stderr.isatty() else 15.0  # logs, not a flood of carriage returns
         with tqdm(total=len(texts), desc=desc, unit="text", disable=not show_progress, leave=False,
                   mininterval=interval) as bar:
