@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -59,6 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mteb", action="store_true", help="also run mteb.evaluate on the same model and data and compare")
     p.add_argument("--strict", action="store_true", help="make data problems fatal (qrels naming unknown ids)")
     p.add_argument("--config", help="pipeline config YAML")
+    _add_overrides(p)
+
+    p = sub.add_parser("train", help="train one LoRA expert per data source (Ray Train), in parallel",
+                       description="Contrastive training (InfoNCE over in-batch and hard negatives, same-task batches) "
+                                   "of one expert per 'expert' tag in the synthesized shards (train.shards, default "
+                                   "<run_dir>/synth), each a Ray Train run with train.num_workers workers (DDP, or "
+                                   "DeepSpeed with train.strategy=deepspeed), all experts at once as far as the Ray "
+                                   "cluster allows. Shows a progress bar per expert (step, loss, samples/s), writes "
+                                   "<run_dir>/experts/<name>/ (a sentence-transformers folder, LoRA merged, plus "
+                                   "metrics.json and loss.png) and prints a summary with dev NDCG@10 against the base. "
+                                   "Finished experts are skipped on a rerun; interrupted ones resume from their last "
+                                   "checkpoint. Joins the cluster in RAY_ADDRESS, else starts a local Ray on 127.0.0.1.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
+    p.add_argument("--shards", default=None, help="shard folder or parquet file (default: train.shards or <run_dir>/synth)")
+    p.add_argument("--expert", action="append", default=None, help="train only this expert; repeat for several")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     _add_overrides(p)
 
     p = sub.add_parser("config", help="show or write the resolved configuration")
@@ -123,6 +141,21 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from stm_ray.config import load_config
+    from stm_ray.train import summary_table, train_experts
+
+    _split_config_arg(args)
+    cfg = load_config(args.config, args.overrides)
+    t0 = time.perf_counter()
+    results = train_experts(cfg, shards=args.shards, only=args.expert, show_progress=not args.no_progress)
+    summary = json.loads((Path(cfg.run_dir) / "experts" / "summary.json").read_text())
+    print("\n" + summary_table(results, (summary.get("base") or {}).get("dev_ndcg_at_10")))
+    print(f"\n{len(results)} expert(s) in {Path(cfg.run_dir) / 'experts'} ({time.perf_counter() - t0:.0f} s); "
+          f"resumed: {sum(1 for r in results if r.resumed_from)}, already done: {sum(1 for r in results if r.skipped)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from stm_ray.config import load_config
     from stm_ray.data import load_task
@@ -167,7 +200,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo}
+COMMANDS = {"config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

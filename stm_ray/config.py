@@ -104,21 +104,59 @@ class SynthConfig(_Frozen):
 
 
 class TrainConfig(_Frozen):
-    """Contrastive training of one LoRA expert per data source (Ray Train, optionally DeepSpeed)."""
+    """Contrastive training of one LoRA expert per data source: Ray Train (DDP or DeepSpeed), experts in parallel.
 
-    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA settings.")
-    experts: dict[str, list[str]] = Field(default_factory=dict,
-                                          description="Expert name -> the data sources (tasks / areas) it trains on; empty = one per task.")
+    The loss is InfoNCE on cosine similarity: each query against its positive, its hard negatives and every
+    other query's positive and negatives in the global batch (gathered across workers). Batches hold one task
+    each (LLM-Embedder). The global batch sequence does not depend on ``num_workers``.
+    """
+
+    shards: str | None = Field(None, description="Folder (or file) of synthesized parquet shards; None = <run_dir>/synth.")
+    lora: LoRAConfig | None = Field(default_factory=LoRAConfig, description="LoRA settings; null = full fine-tune.")
+    experts: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Expert name -> the shard 'expert' tags it trains on; empty = one expert per tag in the data.")
     epochs: int = Field(1, ge=1, description="Epochs over each expert's data.")
-    batch_size: int = Field(32, ge=1, description="Queries per batch (per worker).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None = all epochs).")
+    batch_size: int = Field(32, ge=1, description="Global batch: queries per optimizer step over all workers "
+                                                  "(a multiple of num_workers).")
+    negatives_per_query: int = Field(1, ge=0, description="Hard negatives per query, sampled from the row's list.")
+    negative_sources: list[Literal["mined-bm25", "mined-dense", "synthetic"]] | None = Field(
+        None, description="Use only negatives from these sources (None = all).")
+    instruction_mode: Literal["fixed", "row", "pool"] = Field(
+        "fixed", description="Query instruction: 'fixed' = model.query_instruction, 'row' = the shard's instruction "
+                             "column, 'pool' = one sampled per query from instruction_pool (STM generic prompts).")
+    instruction_pool: list[str] | str | None = Field(
+        None, description="Instructions for mode 'pool': a list, or a JSON file holding a list (or {'instructions': [...]}).")
     learning_rate: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
-    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
-    temperature: float = Field(0.05, gt=0.0, description="InfoNCE temperature on cosine similarity.")
-    gather_across_workers: bool = Field(True, description="Use other workers' in-batch negatives.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps (STM: 100); None = warmup_ratio.")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Warm-up as a fraction of all steps, when warmup_steps is None.")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping norm (None = off).")
+    temperature: float = Field(0.05, gt=0.0, description="InfoNCE temperature on cosine similarity (0.05 = scale 20).")
+    gather_across_workers: bool = Field(True, description="Use other workers' in-batch negatives (gradients flow back).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, slower).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers per expert.")
-    use_gpu: bool = Field(False, description="Train on GPUs.")
-    deepspeed: dict[str, Any] | None = Field(None, description="DeepSpeed config (e.g. {'zero_optimization': {'stage': 2}}); None = DDP.")
-    seed: int = Field(13, description="Training seed.")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker.")
+    use_gpu: bool = Field(False, description="One GPU per worker; bf16 there (fp32 on CPU).")
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="Plain DDP, or DeepSpeed.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (strategy='deepspeed').")
+    deepspeed: dict[str, Any] | None = Field(None, description="Extra DeepSpeed config keys merged over the generated one.")
+    checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end) under <run_dir>/train.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per expert.")
+    max_failures: int = Field(2, ge=0, description="Worker failures tolerated; the run resumes from the last checkpoint.")
+    max_parallel_experts: int | None = Field(None, ge=1, description="Experts trained at once (None = all; Ray queues what does not fit).")
+    evaluate_dev: bool = Field(True, description="Score each expert on its tasks' dev split (NDCG@10) after training.")
+    log_every: int = Field(10, ge=1, description="Log a line every N steps.")
+    seed: int = Field(13, description="Training seed (LoRA init, batch plan, negative and instruction sampling).")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> TrainConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers})")
+        if self.instruction_mode == "pool" and not self.instruction_pool:
+            raise ValueError("instruction_mode 'pool' needs instruction_pool")
+        return self
 
 
 class SearchConfig(_Frozen):

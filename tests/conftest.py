@@ -125,3 +125,50 @@ def ray_local():
                          runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_nodrop_dir(tmp_path_factory, minilm_dir) -> str:
+    """Like tiny_bert_dir without dropout: training is then deterministic (equivalence tests)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    out = tmp_path_factory.mktemp("tiny_bert_nodrop")
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def make_shards(folder: Path, task: str, experts=("alpha", "beta"), copies: int = 4, per_shard: int = 16) -> Path:
+    """Training shards in the Synthesize schema from the tiny corpus: every query (and ``copies`` rephrasings of
+    it) with its document, one mined and one synthetic negative, round-robin over ``experts``."""
+    import pyarrow as pa
+
+    from stm_ray.data.shards import write_shard
+
+    doc_ids = sorted(DOCS)
+    rows = []
+    for k in range(copies):
+        for j, (qid, q) in enumerate(sorted(QUERIES.items())):
+            did = "d" + qid[1:]
+            neg1 = DOCS[doc_ids[(doc_ids.index(did) + 1) % len(doc_ids)]]
+            rows.append({"query_id": f"{qid}-{k}", "query": q if k == 0 else f"{q} (variant {k})", "positive_id": did,
+                         "positive": f"{DOCS[did][0]} {DOCS[did][1]}", "negatives": [f"{neg1[0]} {neg1[1]}",
+                                                                                    f"A passage about {q} that does not answer it."],
+                         "negative_sources": ["mined-dense", "synthetic"], "instruction": "Find the disease: ",
+                         "task": task, "expert": experts[(j + k) % len(experts)]})
+    for s in range(0, len(rows), per_shard):
+        write_shard(pa.Table.from_pylist(rows[s:s + per_shard]), folder / f"part-{s // per_shard:05d}.parquet")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def beir_train_dev(tmp_path_factory) -> Path:
+    """The tiny corpus with train and dev qrels (dev = the same judgements; enough to score an expert)."""
+    rel = {f"q{i}": {f"d{i}": 1} for i in range(1, 9)}
+    return write_beir(tmp_path_factory.mktemp("beir_td") / "tiny", qrels={"train": rel, "dev": rel, "test": rel})

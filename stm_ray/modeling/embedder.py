@@ -299,6 +299,11 @@ class Embedder(nn.Module):
         """Wrap the backbone in a peft LoRA adapter (only adapter weights train)."""
         from peft import LoraConfig, get_peft_model
 
+        if target_modules == "all-linear":
+            # peft's "all-linear" would also adapt an encoder's pooler, whose output embeddings never use: its
+            # adapter would get no gradient (and DDP refuses parameters without one).
+            target_modules = [n for n, m in self.model.named_modules()
+                              if isinstance(m, nn.Linear) and "pooler" not in n.split(".") and not n.endswith("lm_head")]
         cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                          task_type="FEATURE_EXTRACTION")
         self.model = get_peft_model(self.model, cfg)

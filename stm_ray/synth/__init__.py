@@ -1,0 +1,1 @@
+"""Synthesize: hard-negative mining (and, with the Synthesize issue, LLM-written negatives through ray.data.llm)."""

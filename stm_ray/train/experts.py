@@ -1,0 +1,359 @@
+"""``train_experts(cfg)``: one Ray Train run per expert, concurrently, each written as a sentence-transformers folder.
+
+Layout under ``<run_dir>``::
+
+    train/<expert>-<fingerprint>/     Ray Train storage: checkpoints (a rerun with the same config resumes here)
+    experts/<expert>/                 the expert: HF + sentence-transformers folder, LoRA merged into the base
+    experts/<expert>/metrics.json     loss curve, throughput, resumes, dev NDCG@10 (its presence = expert done)
+    experts/<expert>/loss.png         the loss curve
+    experts/summary.json              one row per expert, with the base model's dev NDCG@10 next to it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stm_ray.data.shards import read_shards
+from stm_ray.data.task import DataError, DataReport
+from stm_ray.train.batching import TrainRows, plan_batches
+from stm_ray.utils import atomic_write_json, init_local_ray
+
+log = logging.getLogger("stm_ray.train")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class ExpertResult:
+    name: str
+    path: str
+    rows: int
+    steps: int
+    final_loss: float
+    samples_per_s: float
+    wall_s: float
+    resumed_from: list[int] = field(default_factory=list)
+    dev_ndcg_at_10: dict[str, float | None] = field(default_factory=dict)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    skipped: bool = False
+
+
+def expert_groups(table: pa.Table, experts: dict[str, list[str]]) -> dict[str, pa.Table]:
+    """Rows of each expert: ``experts`` maps names to shard ``expert`` tags; empty = one expert per tag."""
+    tags = sorted(set(table.column("expert").to_pylist()))
+    mapping = experts or {t: [t] for t in tags}
+    out = {}
+    for name, wanted in mapping.items():
+        if not _NAME.match(name):
+            raise DataError(f"train.experts: expert name {name!r} must be 1-64 letters, digits, '_', '-' or '.'")
+        unknown = [t for t in wanted if t not in tags]
+        if unknown:
+            raise DataError(f"train.experts.{name}: tag(s) {unknown} not in the shards; tags found: {tags}")
+        out[name] = table.filter(pc.is_in(table.column("expert"), value_set=pa.array(wanted, pa.string())))
+    return out
+
+
+def load_instruction_pool(spec: list[str] | str | None) -> list[str]:
+    """A list as given, or a JSON file holding a list or ``{"instructions": [...]}`` (Synthesize's output)."""
+    if spec is None:
+        return []
+    if isinstance(spec, list):
+        return spec
+    path = Path(spec)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"train.instruction_pool: cannot read {path}: {e}") from e
+    pool = obj.get("instructions") if isinstance(obj, dict) else obj
+    if not isinstance(pool, list) or not pool or not all(isinstance(x, str) for x in pool):
+        raise DataError(f"{path}: field 'instructions': expected a non-empty list of strings")
+    return pool
+
+
+def planned_steps(rows: TrainRows, tcfg) -> tuple[int, int]:
+    """(steps per epoch, total steps) of an expert's run."""
+    per_epoch = len(plan_batches(rows.tasks, tcfg.batch_size, tcfg.num_workers, tcfg.seed, 0))
+    total = per_epoch * tcfg.epochs
+    return per_epoch, min(total, tcfg.max_steps) if tcfg.max_steps else total
+
+
+def _fingerprint(cfg, rows: TrainRows, pool: list[str]) -> str:
+    """What decides an expert's weights; a rerun with the same fingerprint resumes, another one starts afresh."""
+    t = cfg.train.model_dump(exclude={"max_parallel_experts", "evaluate_dev", "log_every", "max_failures",
+                                      "keep_checkpoints", "shards", "experts", "checkpoint_every"})
+    h = hashlib.sha256(json.dumps([cfg.model.model_dump(), t, pool], sort_keys=True, default=str).encode())
+    for col in (rows.queries, rows.positives, rows.tasks):
+        h.update("\x1f".join(col).encode())
+    h.update(json.dumps(rows.negatives).encode())
+    return h.hexdigest()[:10]
+
+
+def _plot_loss(loss: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(range(1, len(loss) + 1), loss, lw=1, alpha=0.5, label="loss")
+    if len(loss) >= 10:
+        w = max(2, len(loss) // 20)
+        ax.plot(range(w, len(loss) + 1), np.convolve(loss, np.ones(w) / w, mode="valid"), lw=2, label=f"mean of {w}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("InfoNCE loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _install_folder(src: Path, dest: Path) -> None:
+    """Copy a finished model folder into place atomically (temp sibling, then rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _dev_ndcg(model_path: str, tasks: list[str], cfg) -> dict[str, float | None]:
+    """NDCG@10 on each task's dev split, in a Ray task (one CPU) so it runs where the cluster has room."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def score(path: str, task: str) -> float | None:
+        from stm_ray.eval.evaluate import evaluate
+        from stm_ray.utils import setup_logging
+
+        setup_logging()
+        try:
+            res = evaluate(path, task, cfg.data.dev_split, model_cfg=cfg.model.model_copy(update={"name_or_path": path}),
+                           eval_cfg=cfg.eval, max_queries=cfg.data.max_queries, use_mteb=False, show_progress=False)
+        except (DataError, KeyError, ValueError) as e:
+            logging.getLogger("stm_ray.train").warning("dev evaluation of %s on %s skipped: %s", path, task, e)
+            return None
+        return res.ndcg_at_10
+
+    refs = {t: score.remote(model_path, t) for t in tasks}
+    return {t: ray.get(r) for t, r in refs.items()}
+
+
+def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = None,
+                 progress_actor: str | None = None) -> ExpertResult:
+    """Train one expert with a Ray Train TorchTrainer and write ``<run_dir>/experts/<name>``."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from stm_ray.train.worker import MODEL_DIR, STATE_FILE, train_loop
+
+    tcfg = cfg.train
+    pool = pool or []
+    run_dir = Path(cfg.run_dir).resolve()
+    out = run_dir / "experts" / name
+    if (out / "metrics.json").exists():
+        prev = json.loads((out / "metrics.json").read_text())
+        log.info("[%s] already trained (%s); skipped", name, out / "metrics.json")
+        return ExpertResult(**{**prev["result"], "skipped": True})
+
+    rows = TrainRows.from_table(table, tcfg.negative_sources)
+    if len(rows) == 0:
+        raise DataError(f"expert {name}: no training rows")
+    per_epoch, total = planned_steps(rows, tcfg)
+    if total == 0:
+        raise DataError(f"expert {name}: {len(rows)} rows give no batch of {tcfg.batch_size} on {tcfg.num_workers} worker(s)")
+    saved_instruction = cfg.model.query_instruction
+    if tcfg.instruction_mode == "pool" and not saved_instruction:
+        saved_instruction = pool[0]
+    fp = _fingerprint(cfg, rows, pool)
+    log.info("[%s] %d rows, %d steps (%d per epoch), %d worker(s), %s, run %s-%s", name, len(rows), total, per_epoch,
+             tcfg.num_workers, tcfg.strategy, name, fp)
+    t0, started = time.perf_counter(), time.time()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"train": tcfg.model_dump(), "model": cfg.model.model_dump(), "rows": ray.put(rows),
+                           "total_steps": total, "expert": name, "instruction_pool": pool,
+                           "saved_query_instruction": saved_instruction, "progress_actor": progress_actor},
+        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                     resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+        run_config=RunConfig(name=f"{name}-{fp}", storage_path=str(run_dir / "train"),
+                             failure_config=FailureConfig(max_failures=tcfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+                             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(tcfg.cpus_per_worker)}}),
+    )
+    result = trainer.fit()
+    wall, finished = time.perf_counter() - t0, time.time()
+    if result.error is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+        if state["step"] != total or not (Path(d) / MODEL_DIR).is_dir():
+            raise RuntimeError(f"expert {name}: the last checkpoint is at step {state['step']} of {total} without a model")
+        _install_folder(Path(d) / MODEL_DIR, out)
+    secs = state["step_seconds"][1:] or state["step_seconds"]
+    sps = tcfg.batch_size * len(secs) / sum(secs) if secs and sum(secs) > 0 else 0.0
+    tasks = sorted(set(rows.tasks))
+    dev = _dev_ndcg(str(out), tasks, cfg) if tcfg.evaluate_dev else {}
+    res = ExpertResult(name=name, path=str(out), rows=len(rows), steps=state["step"],
+                       final_loss=float(np.mean(state["loss"][-max(1, min(10, len(state["loss"]))):])),
+                       samples_per_s=sps, wall_s=wall, resumed_from=state["resumed_from"], dev_ndcg_at_10=dev,
+                       started_at=started, finished_at=finished)
+    _plot_loss(state["loss"], out / "loss.png", f"expert {name}")
+    atomic_write_json(out / "metrics.json", {"result": asdict(res), "loss": state["loss"], "lr": state["lr"],
+                                             "step_seconds": state["step_seconds"], "world_size": state["world_size"],
+                                             "fingerprint": fp, "config": {"train": tcfg.model_dump(),
+                                                                           "model": cfg.model.model_dump()}})
+    log.info("[%s] done: %d steps, loss %.4f, %.1f samples/s, dev NDCG@10 %s -> %s", name, res.steps, res.final_loss,
+             sps, dev, out)
+    return res
+
+
+def _progress_loop(actor, names: list[str], done: threading.Event, show: bool) -> None:
+    import ray
+    from tqdm.auto import tqdm
+
+    if not show:
+        done.wait()
+        return
+    bars: dict[str, Any] = {}
+    while True:
+        finished = done.wait(1.0)
+        try:
+            snap = ray.get(actor.snapshot.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - progress display must never fail the run
+            snap = {}
+        for name in names:
+            s = snap.get(name)
+            if not s:
+                continue
+            bar = bars.get(name)
+            if bar is None:
+                bar = bars[name] = tqdm(total=s["total"], desc=f"train {name}", position=len(bars), unit="step",
+                                        dynamic_ncols=True, mininterval=1.0)
+            if bar.n >= bar.total:
+                continue
+            bar.n = s["step"]
+            bar.set_postfix(loss=f"{s['loss']:.4f}", sps=f"{s['samples_per_s']:.1f}", refresh=False)
+            bar.refresh()
+        if finished:
+            for bar in bars.values():
+                bar.close()
+            return
+
+
+def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = None,
+                  show_progress: bool = True) -> list[ExpertResult]:
+    """Train every expert found in the shards, concurrently as far as the Ray cluster's resources allow.
+
+    Each expert is its own Ray Train run (``cfg.train.num_workers`` workers); runs that do not fit wait for
+    resources. Finished experts (``metrics.json`` present) are skipped, interrupted ones resume from their last
+    checkpoint. Returns one :class:`ExpertResult` per expert and writes ``<run_dir>/experts/summary.json``.
+    """
+    import ray
+
+    tcfg = cfg.train
+    source = shards or tcfg.shards or str(Path(cfg.run_dir) / "synth")
+    report = DataReport()
+    table = read_shards(source, strict=cfg.data.strict, report=report)
+    groups = expert_groups(table, tcfg.experts)
+    if only:
+        missing = [n for n in only if n not in groups]
+        if missing:
+            raise DataError(f"unknown expert(s) {missing}; experts: {sorted(groups)}")
+        groups = {n: groups[n] for n in only}
+    pool = load_instruction_pool(tcfg.instruction_pool)
+    init_local_ray()
+    log.info("training %d expert(s) from %s (%d rows%s): %s", len(groups), source, table.num_rows,
+             f", {len(report.problems)} bad rows skipped" if report.problems else "",
+             ", ".join(f"{n} ({t.num_rows})" for n, t in groups.items()))
+
+    actor_name = f"stm-train-progress-{uuid.uuid4().hex[:8]}"
+    actor = _ProgressActor().options(name=actor_name, num_cpus=0).remote()
+    done = threading.Event()
+    watcher = threading.Thread(target=_progress_loop, args=(actor, list(groups), done, show_progress), daemon=True)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(max_workers=tcfg.max_parallel_experts or len(groups)) as ex:
+            futures = {n: ex.submit(train_expert, cfg, n, t, pool=pool, progress_actor=actor_name)
+                       for n, t in groups.items()}
+            results = [f.result() for f in futures.values()]
+    finally:
+        done.set()
+        watcher.join(timeout=15)
+        ray.kill(actor)
+    summary = {"experts": [asdict(r) for r in results], "shards": str(source), "bad_rows": report.counts()}
+    if tcfg.evaluate_dev:
+        tasks = sorted({t for r in results for t in r.dev_ndcg_at_10})
+        summary["base"] = {"model": cfg.model.name_or_path,
+                           "dev_ndcg_at_10": _dev_ndcg(cfg.model.name_or_path, tasks, cfg) if tasks else {}}
+    atomic_write_json(Path(cfg.run_dir) / "experts" / "summary.json", summary)
+    return results
+
+
+def _ProgressActor():  # noqa: N802 - returns a Ray actor class, built lazily so importing needs no Ray
+    import ray
+
+    global _PROGRESS_CLS
+    if _PROGRESS_CLS is None:
+        @ray.remote
+        class TrainProgress:
+            """Latest step, loss and throughput per expert, pushed by each run's rank-0 worker."""
+
+            def __init__(self) -> None:
+                self.state: dict[str, dict[str, Any]] = {}
+
+            def update(self, expert: str, **kw: Any) -> None:
+                self.state[expert] = kw
+
+            def snapshot(self) -> dict[str, dict[str, Any]]:
+                return self.state
+
+        _PROGRESS_CLS = TrainProgress
+    return _PROGRESS_CLS
+
+
+_PROGRESS_CLS = None
+
+
+def summary_table(results: list[ExpertResult], base: dict[str, float | None] | None = None) -> str:
+    from stm_ray.eval.evaluate import format_table
+
+    rows = []
+    for task, v in (base or {}).items():
+        rows.append({"model": "base", "task": task, "steps": "", "loss": "", "samples/s": "", "dev NDCG@10": v})
+    for r in results:
+        for task, v in (r.dev_ndcg_at_10 or {"-": None}).items():
+            rows.append({"model": r.name, "task": task, "steps": r.steps, "loss": f"{r.final_loss:.4f}",
+                         "samples/s": f"{r.samples_per_s:.1f}", "dev NDCG@10": v})
+    return format_table(rows, ["model", "task", "steps", "loss", "samples/s", "dev NDCG@10"])

@@ -1,0 +1,175 @@
+"""Ray Train integration on a local Ray (127.0.0.1): experts in parallel, 2 workers = 1 worker, a killed worker
+resumes from its checkpoint, DeepSpeed, a decoder expert. Real Ray Train, peft, DeepSpeed, sentence-transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_shards
+
+RAY_ENV = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+
+
+def _cfg(tmp_path: Path, model: str, shards: Path, *extra: str):
+    from stm_ray.config import load_config
+
+    return load_config(None, [f"run_dir={tmp_path / 'run'}", f"model.name_or_path={model}", f"train.shards={shards}",
+                              "train.batch_size=4", "train.checkpoint_every=3", "data.dev_split=dev", *extra])
+
+
+def _st_matches_embedder(path: str, texts: list[str], prompt_name: str | None = None) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from stm_ray.modeling import Embedder
+
+    st = SentenceTransformer(path, device="cpu")
+    ours = Embedder.from_pretrained(path)
+    a = st.encode(texts, prompt_name=prompt_name, normalize_embeddings=True)
+    b = ours.encode_queries(texts) if prompt_name == "query" else ours.encode_corpus(texts)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_two_experts_train_in_parallel_and_load_in_sentence_transformers(ray_local, tiny_bert_dir, beir_train_dev,
+                                                                          tmp_path):
+    from stm_ray.train import summary_table, train_experts
+
+    shards = make_shards(tmp_path / "shards", f"beir:{beir_train_dev}")
+    cfg = _cfg(tmp_path, tiny_bert_dir, shards, "train.epochs=2")
+    results = train_experts(cfg, show_progress=False)
+    assert sorted(r.name for r in results) == ["alpha", "beta"]
+    a, b = results
+    assert a.started_at < b.finished_at and b.started_at < a.finished_at  # the two runs overlapped in time
+    for r in results:
+        assert r.steps == 8 and r.rows == 16 and not r.resumed_from  # 16 rows / batch 4 x 2 epochs
+        metrics = json.loads((Path(r.path) / "metrics.json").read_text())
+        assert len(metrics["loss"]) == 8 and all(np.isfinite(metrics["loss"]))
+        assert 0.0 <= r.dev_ndcg_at_10[f"beir:{beir_train_dev}"] <= 1.0
+        assert (Path(r.path) / "loss.png").stat().st_size > 1000
+        _st_matches_embedder(r.path, ["broken thigh bone", "Asthma is a chronic disease"])
+    summary = json.loads((tmp_path / "run" / "experts" / "summary.json").read_text())
+    assert summary["base"]["dev_ndcg_at_10"] and [e["name"] for e in summary["experts"]] == ["alpha", "beta"]
+    assert "alpha" in summary_table(results, summary["base"]["dev_ndcg_at_10"])
+    # the experts differ from the base and from each other (they trained on different rows)
+    from stm_ray.modeling import Embedder
+
+    base = Embedder.from_pretrained(tiny_bert_dir).encode_corpus(["wheezing"])
+    ea, eb = (Embedder.from_pretrained(r.path).encode_corpus(["wheezing"]) for r in results)
+    assert not np.allclose(base, ea, atol=1e-4) and not np.allclose(ea, eb, atol=1e-4)
+    # a rerun finds both experts done and skips them
+    t0 = time.perf_counter()
+    again = train_experts(cfg, show_progress=False)
+    assert all(r.skipped for r in again) and time.perf_counter() - t0 < 30
+
+
+def _loss_curve(tmp_path, model, shards, workers: int, gather: bool = True) -> list[float]:
+    from stm_ray.train import train_experts
+
+    cfg = _cfg(tmp_path / f"w{workers}-{gather}", model, shards, "train.batch_size=8", f"train.num_workers={workers}",
+               "train.max_steps=5", "train.lora.dropout=0.0", "train.evaluate_dev=false", "train.learning_rate=1e-3",
+               f"train.gather_across_workers={str(gather).lower()}", "train.checkpoint_every=100")
+    [res] = train_experts(cfg, show_progress=False)
+    return json.loads((Path(res.path) / "metrics.json").read_text())["loss"]
+
+
+def test_two_workers_equal_one_worker(ray_local, tiny_bert_nodrop_dir, beir_train_dev, tmp_path):
+    shards = make_shards(tmp_path / "shards", f"beir:{beir_train_dev}", experts=("solo",), copies=5)
+    one = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 1)
+    two = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 2)
+    assert len(one) == len(two) == 5
+    assert one[0] != one[-1]  # it trains
+    np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)
+    # without gathering, each worker sees half the negatives: a different (lower) loss
+    local = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 2, gather=False)
+    assert local[0] < one[0] - 1e-3
+
+
+def _worker_pids() -> list[int]:
+    # straight from the GCS: ray.util.state needs the dashboard, which is off here
+    from ray._private.state import actors
+
+    return [a["Pid"] for a in actors().values() if a.get("ActorClassName") == "RayTrainWorker" and a.get("State") == "ALIVE"]
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_bert_dir, beir_train_dev, tmp_path):
+    from stm_ray.train import train_experts
+
+    shards = make_shards(tmp_path / "shards", f"beir:{beir_train_dev}", experts=("solo",), copies=16)
+    cfg = _cfg(tmp_path, tiny_bert_dir, shards, "train.num_workers=2", "train.epochs=2", "train.checkpoint_every=8",
+               "train.evaluate_dev=false", "train.max_failures=2")
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = train_experts(cfg, show_progress=False)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            box["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    storage = tmp_path / "run" / "train"
+    deadline = time.time() + 240
+    killed = None
+    while time.time() < deadline and t.is_alive() and killed is None:
+        # a second checkpoint folder means the first one's report has completed (reports are barriers)
+        if len(list(storage.glob("*/checkpoint_*"))) >= 2:
+            pids = _worker_pids()
+            if pids:
+                killed = pids[-1]
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    t.join(timeout=300)
+    assert killed is not None, "no checkpoint appeared before the run ended: the test could not kill a worker"
+    assert "error" not in box, box.get("error")
+    [res] = box["result"]
+    assert res.steps == 64  # 128 rows / 4 x 2 epochs: the planned number of steps
+    assert res.resumed_from and res.resumed_from[0] % 8 == 0 and 8 <= res.resumed_from[0] < 64
+    metrics = json.loads((Path(res.path) / "metrics.json").read_text())
+    assert len(metrics["loss"]) == 64
+    _st_matches_embedder(res.path, ["middle ear infection"])
+
+
+def test_deepspeed_zero2_two_workers(ray_local, tiny_bert_dir, beir_train_dev, tmp_path):
+    from stm_ray.train import train_experts
+
+    shards = make_shards(tmp_path / "shards", f"beir:{beir_train_dev}", experts=("solo",))
+    cfg = _cfg(tmp_path, tiny_bert_dir, shards, "train.strategy=deepspeed", "train.zero_stage=2",
+               "train.num_workers=2", "train.max_steps=4", "train.checkpoint_every=2", "train.evaluate_dev=false")
+    [res] = train_experts(cfg, show_progress=False)
+    assert res.steps == 4
+    ckpts = sorted(p for p in (tmp_path / "run" / "train").glob("*/checkpoint_2*") if p.is_dir())
+    assert ckpts and any(p.name.startswith("zero_pp_rank_1") for p in ckpts[-1].rglob("*"))  # rank 1's ZeRO shard
+    _st_matches_embedder(res.path, ["salmonella illness from food"])
+
+
+def test_decoder_expert_eos_pooling_bidirectional(ray_local, tiny_llama_dir, beir_train_dev, tmp_path):
+    from stm_ray.train import train_experts
+
+    shards = make_shards(tmp_path / "shards", f"beir:{beir_train_dev}")
+    cfg = _cfg(tmp_path, tiny_llama_dir, shards, "model.bidirectional=true", "model.query_instruction='Query: '",
+               "train.experts={all: [alpha, beta]}", "train.max_steps=3", "train.evaluate_dev=false",
+               "train.gradient_checkpointing=true")
+    [res] = train_experts(cfg, show_progress=False)
+    assert res.name == "all" and res.rows == 32 and res.steps == 3
+    meta = json.loads((Path(res.path) / "stm_ray.json").read_text())
+    assert meta["pooling"] == "eos" and meta["bidirectional"] is True and meta["expert"] == "all"
+    assert json.loads((Path(res.path) / "config_sentence_transformers.json").read_text())["prompts"]["query"] == "Query: "
+    _st_matches_embedder(res.path, ["raised blood pressure"], prompt_name="query")
+
+
+def test_unknown_expert_tag_is_a_clear_error(tmp_path, beir_train_dev, tiny_bert_dir):
+    from stm_ray.data.task import DataError
+    from stm_ray.train import train_experts
+
+    shards = make_shards(tmp_path / "shards", f"beir:{beir_train_dev}")
+    cfg = _cfg(tmp_path, tiny_bert_dir, shards, "train.experts={x: [gamma]}")
+    with pytest.raises(DataError, match=r"train.experts.x: tag\(s\) \['gamma'\] not in the shards; tags found: \['alpha', 'beta'\]"):
+        train_experts(cfg, show_progress=False)
