@@ -37,6 +37,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/eval_reference.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_scifact.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -10,7 +10,7 @@ from stm_ray.cli import build_parser, main
 
 def test_help_lists_commands_and_explains_overrides():
     text = build_parser().format_help()
-    for cmd in ("demo", "evaluate", "config", "data"):
+    for cmd in ("demo", "evaluate", "train", "config", "data"):
         assert cmd in text
     assert "key=value" in text and "beir:DIR" in text and "minilm" in text
 
@@ -50,3 +50,23 @@ def test_job_entrypoint_evaluates_every_configured_task(tiny_bert_dir, tiny_beir
     files = sorted(p.name for p in (run / "eval").glob("*.json"))
     assert len(files) == 2 and files[1] == "icd10_22.json"
     assert "ndcg_at_10" in json.loads((run / "eval" / "icd10_22.json").read_text())["scores"]["test"][0]
+
+
+def test_train_command_trains_and_prints_summary(ray_local, tiny_bert_dir, beir_train_dev, tmp_path, capsys):
+    from tests.conftest import make_shards
+
+    shards = make_shards(tmp_path / "shards", f"beir:{beir_train_dev}", experts=("solo",))
+    args = ["train", "--no-progress", "--shards", str(shards), f"run_dir={tmp_path / 'run'}",
+            f"model.name_or_path={tiny_bert_dir}", "train.batch_size=4", "train.max_steps=2", "data.dev_split=dev"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| solo " in out and "| base " in out and "dev NDCG@10" in out and "1 expert(s)" in out
+    assert main(args) == 0  # a rerun finds the expert done
+    assert "already done: 1" in capsys.readouterr().out
+
+
+def test_train_command_errors_name_the_problem(tmp_path, capsys):
+    assert main(["train", f"train.shards={tmp_path / 'none'}"]) == 2
+    assert "no such shard folder" in capsys.readouterr().err
+    assert main(["train", "train.batch_size=5", "train.num_workers=2"]) == 2
+    assert "multiple of num_workers" in capsys.readouterr().err

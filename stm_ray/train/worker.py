@@ -153,7 +153,8 @@ def train_loop(config: dict[str, Any]) -> None:
     net = TwoTower(emb)
     net.train()
     trainable = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    # the fused AdamW kernel (CPU and GPU) is several times faster than the per-tensor loop on CPU
+    opt = torch.optim.AdamW(trainable, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay, fused=True)
     warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else int(round(tcfg.warmup_ratio * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup))
     local_batch = tcfg.batch_size // world
