@@ -64,9 +64,8 @@ def test_two_experts_train_in_parallel_and_load_in_sentence_transformers(ray_loc
     ea, eb = (Embedder.from_pretrained(r.path).encode_corpus(["wheezing"]) for r in results)
     assert not np.allclose(base, ea, atol=1e-4) and not np.allclose(ea, eb, atol=1e-4)
     # a rerun finds both experts done and skips them
-    t0 = time.perf_counter()
     again = train_experts(cfg, show_progress=False)
-    assert all(r.skipped for r in again) and time.perf_counter() - t0 < 30
+    assert all(r.skipped for r in again) and [r.steps for r in again] == [8, 8]
 
 
 def _loss_curve(tmp_path, model, shards, workers: int, gather: bool = True) -> list[float]:

@@ -15,9 +15,7 @@ import copy
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -357,10 +355,10 @@ class Embedder(nn.Module):
 
     def save(self, path: str | os.PathLike, extra_metadata: dict[str, Any] | None = None) -> Path:
         """Write a sentence-transformers folder (weights with LoRA merged), atomically: temp folder, then rename."""
+        from stm_ray.utils import atomic_dir
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             self.merged_backbone().save_pretrained(tmp, safe_serialization=True)
             # sentence-transformers >= 6 formats texts with a tokenizer's chat template when it has one;
             # an embedding folder must tokenize plain text, as encode() does.
@@ -370,15 +368,4 @@ class Embedder(nn.Module):
             self._write_sentence_transformers_config(tmp)
             meta = self.metadata() | (extra_metadata or {})
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path

@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -33,7 +32,7 @@ import pyarrow.compute as pc
 from stm_ray.data.shards import read_shards
 from stm_ray.data.task import DataError, DataReport
 from stm_ray.train.batching import TrainRows, plan_batches
-from stm_ray.utils import atomic_write_json, init_local_ray
+from stm_ray.utils import atomic_dir, atomic_write_json, init_local_ray
 
 log = logging.getLogger("stm_ray.train")
 
@@ -128,25 +127,6 @@ def _plot_loss(loss: list[float], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
-def _install_folder(src: Path, dest: Path) -> None:
-    """Copy a finished model folder into place atomically (temp sibling, then rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _dev_ndcg(model_path: str, tasks: list[str], cfg) -> dict[str, float | None]:
     """NDCG@10 on each task's dev split, in a Ray task (one CPU) so it runs where the cluster has room."""
     import ray
@@ -220,7 +200,8 @@ def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = No
         state = json.loads((Path(d) / STATE_FILE).read_text())
         if state["step"] != total or not (Path(d) / MODEL_DIR).is_dir():
             raise RuntimeError(f"expert {name}: the last checkpoint is at step {state['step']} of {total} without a model")
-        _install_folder(Path(d) / MODEL_DIR, out)
+        with atomic_dir(out) as tmp:
+            shutil.copytree(Path(d) / MODEL_DIR, tmp, dirs_exist_ok=True)
     secs = state["step_seconds"][1:] or state["step_seconds"]
     sps = tcfg.batch_size * len(secs) / sum(secs) if secs and sum(secs) > 0 else 0.0
     tasks = sorted(set(rows.tasks))
@@ -299,7 +280,7 @@ def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = No
              ", ".join(f"{n} ({t.num_rows})" for n, t in groups.items()))
 
     actor_name = f"stm-train-progress-{uuid.uuid4().hex[:8]}"
-    actor = _ProgressActor().options(name=actor_name, num_cpus=0).remote()
+    actor = ray.remote(TrainProgress).options(name=actor_name, num_cpus=0).remote()
     done = threading.Event()
     watcher = threading.Thread(target=_progress_loop, args=(actor, list(groups), done, show_progress), daemon=True)
     watcher.start()
@@ -321,29 +302,17 @@ def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = No
     return results
 
 
-def _ProgressActor():  # noqa: N802 - returns a Ray actor class, built lazily so importing needs no Ray
-    import ray
+class TrainProgress:
+    """Latest step, loss and throughput per expert, pushed by each run's rank-0 worker (a Ray actor)."""
 
-    global _PROGRESS_CLS
-    if _PROGRESS_CLS is None:
-        @ray.remote
-        class TrainProgress:
-            """Latest step, loss and throughput per expert, pushed by each run's rank-0 worker."""
+    def __init__(self) -> None:
+        self.state: dict[str, dict[str, Any]] = {}
 
-            def __init__(self) -> None:
-                self.state: dict[str, dict[str, Any]] = {}
+    def update(self, expert: str, **kw: Any) -> None:
+        self.state[expert] = kw
 
-            def update(self, expert: str, **kw: Any) -> None:
-                self.state[expert] = kw
-
-            def snapshot(self) -> dict[str, dict[str, Any]]:
-                return self.state
-
-        _PROGRESS_CLS = TrainProgress
-    return _PROGRESS_CLS
-
-
-_PROGRESS_CLS = None
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return self.state
 
 
 def summary_table(results: list[ExpertResult], base: dict[str, float | None] | None = None) -> str:

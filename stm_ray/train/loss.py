@@ -7,6 +7,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def _multi_worker() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every worker along dim 0, in rank order, keeping the autograd graph.
 
@@ -15,7 +19,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     With gradients then averaged over workers (DDP / DeepSpeed), one step equals a single-worker step on the
     global batch. Without an initialised process group this is the identity.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _multi_worker():
         return x
     from torch.distributed.nn.functional import all_gather
 
@@ -24,7 +28,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """``all_gather`` for tensors that carry no gradient (ids, masks)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _multi_worker():
         return x
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.contiguous())
@@ -69,7 +73,7 @@ def contrastive_step_loss(q_emb: torch.Tensor, d_emb: torch.Tensor, *, n_neg: in
     b = q_emb.shape[0]
     offset = 0
     pos_keys = doc_keys[:b]
-    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if gather and _multi_worker():
         d_emb = gather_with_grad(d_emb)
         doc_valid = gather_no_grad(doc_valid)
         doc_keys = gather_no_grad(doc_keys)

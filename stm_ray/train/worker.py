@@ -135,10 +135,8 @@ def train_loop(config: dict[str, Any]) -> None:
     use_ds = tcfg.strategy == "deepspeed"
     device = ray.train.torch.get_device() if tcfg.use_gpu else torch.device("cpu")
 
-    emb = Embedder.from_pretrained(mcfg.name_or_path, pooling=mcfg.pooling, normalize=mcfg.normalize,
-                                   max_length=mcfg.max_length, query_instruction=mcfg.query_instruction,
-                                   document_instruction=mcfg.document_instruction,
-                                   bidirectional=mcfg.bidirectional or None, dtype="float32", device=str(device))
+    # fp32 weights; bf16 comes from autocast (DDP) or DeepSpeed's bf16 on GPU
+    emb = Embedder.from_config(mcfg.model_copy(update={"dtype": "float32", "device": str(device)}))
     if config.get("saved_query_instruction") is not None:
         emb.query_instruction = config["saved_query_instruction"]
     torch.manual_seed(tcfg.seed)
