@@ -39,6 +39,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/eval_reference.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_scifact.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_synthesis.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -62,6 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="pipeline config YAML")
     _add_overrides(p)
 
+    p = sub.add_parser("synthesize", help="mine hard negatives and write new ones with an LLM (Ray Data + vLLM)",
+                       description="For every (query, positive) pair of the train split of data.tasks: mine hard "
+                                   "negatives (BM25 and dense, positive-aware false-negative filter), then have the "
+                                   "generator LLM (synth.generator, default SmolLM2-135M-Instruct on vLLM; or any "
+                                   "OpenAI-compatible endpoint with synth.engine=openai synth.base_url=URL and the key "
+                                   "in $OPENAI_API_KEY) write synth.synthetic_per_query new hard negatives through "
+                                   "ray.data.llm. Each generated negative is checked (empty, too short, copy of the "
+                                   "positive or query, refusal, chat boilerplate); failures are dropped and counted. "
+                                   "Writes <run_dir>/synth/<task>/part-*.parquet (the shards `stm-ray train` reads) and "
+                                   "<run_dir>/synth/instructions/<task>.json (an instruction pool). A rerun writes only "
+                                   "the missing shards. Joins the cluster in RAY_ADDRESS, else starts a local Ray on "
+                                   "127.0.0.1.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    _add_overrides(p)
+
     p = sub.add_parser("train", help="train one LoRA expert per data source (Ray Train), in parallel",
                        description="Contrastive training (InfoNCE over in-batch and hard negatives, same-task batches) "
                                    "of one expert per 'expert' tag in the synthesized shards (train.shards, default "
@@ -141,6 +158,18 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_synthesize(args) -> int:
+    from stm_ray.config import load_config
+    from stm_ray.synth import synthesize
+    from stm_ray.synth.pipeline import summary_table
+
+    _split_config_arg(args)
+    cfg = load_config(args.config, args.overrides)
+    result = synthesize(cfg, show_progress=not args.no_progress)
+    print("\n" + summary_table(result))
+    return 0
+
+
 def cmd_train(args) -> int:
     from stm_ray.config import load_config
     from stm_ray.train import summary_table, train_experts
@@ -200,7 +229,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo, "train": cmd_train}
+COMMANDS = {"config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo, "train": cmd_train,
+            "synthesize": cmd_synthesize}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,10 +90,26 @@ class SynthConfig(_Frozen):
     synthetic_per_query: int = Field(1, ge=0, description="LLM-written negatives per (query, positive).")
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling.")
-    max_new_tokens: int = Field(160, ge=8, description="Max tokens per generated passage.")
-    batch_size: int = Field(16, ge=1, description="Rows per batch sent to an engine actor.")
+    max_new_tokens: int = Field(96, ge=8, description="Max tokens per generated passage (raise it for long documents).")
+    batch_size: int = Field(64, ge=1, description="Rows per batch sent to an engine actor.")
+    max_concurrent_batches: int = Field(4, ge=1, description="Batches in flight per engine actor (keeps the engine's queue full).")
+    max_num_seqs: int = Field(128, ge=1, description="vLLM: sequences decoded together.")
+    max_model_len: int = Field(2048, ge=128, description="vLLM: max prompt + generated tokens.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments (override the defaults).")
+    use_gpu: bool | None = Field(None, description="One GPU per engine actor; None = when the Ray cluster has GPUs.")
     concurrency: tuple[int, int] = Field((1, 1), description="(min, max) engine actors: an autoscaling pool.")
-    max_rows: int | None = Field(None, ge=1, description="Cap on (query, positive) rows synthesised; None = all.")
+    http_qps: int | None = Field(8, ge=1, description="engine='openai': max requests per second per actor (None = one at a time).")
+    http_max_retries: int = Field(3, ge=0, description="engine='openai': retries with exponential backoff.")
+    prompt_max_chars: int = Field(2000, ge=100, description="Positive and mined negative are cut to this many characters in the prompt.")
+    min_words: int = Field(4, ge=1, description="Generated negatives with fewer words are dropped ('too_short').")
+    instruction_pool_size: int = Field(10, ge=0, description="Retrieval instructions written per task (STM generic prompts; 0 = none).")
+    expert_by: str = Field("task", description="Expert tag of a row: 'task' (one expert per task), or a query column "
+                                               "of the task (e.g. 'chapter' for icd10: one tag per chapter).")
+    shard_size: int = Field(256, ge=1, description="(query, positive) rows per parquet shard (the unit of resume).")
+    mine_concurrency: int = Field(1, ge=1, description="Max mining actors (an autoscaling pool from 1; each holds the indexes).")
+    mine_num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per mining actor.")
+    max_rows: int | None = Field(None, ge=1, description="Cap on (query, positive) rows synthesised per task; None = all.")
+    seed: int = Field(13, description="Seed for row subsampling and per-row sampling seeds (reruns write the same text).")
 
     @field_validator("concurrency")
     @classmethod
@@ -101,6 +117,12 @@ class SynthConfig(_Frozen):
         if v[0] < 1 or v[1] < v[0]:
             raise ValueError("needs 1 <= min <= max")
         return v
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> SynthConfig:
+        if self.engine == "openai" and not self.base_url:
+            raise ValueError("engine 'openai' needs base_url (an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8001/v1)")
+        return self
 
 
 class TrainConfig(_Frozen):

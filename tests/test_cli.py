@@ -10,7 +10,7 @@ from stm_ray.cli import build_parser, main
 
 def test_help_lists_commands_and_explains_overrides():
     text = build_parser().format_help()
-    for cmd in ("demo", "evaluate", "train", "config", "data"):
+    for cmd in ("demo", "evaluate", "synthesize", "train", "config", "data"):
         assert cmd in text
     assert "key=value" in text and "beir:DIR" in text and "minilm" in text
 
@@ -70,3 +70,14 @@ def test_train_command_errors_name_the_problem(tmp_path, capsys):
     assert "no such shard folder" in capsys.readouterr().err
     assert main(["train", "train.batch_size=5", "train.num_workers=2"]) == 2
     assert "multiple of num_workers" in capsys.readouterr().err
+
+
+def test_synthesize_command_errors_name_the_problem(tiny_beir, capsys):
+    assert main(["synthesize", "synth.engine=openai"]) == 2
+    assert "engine 'openai' needs base_url" in capsys.readouterr().err
+    assert main(["synthesize", f"data.tasks=[beir:{tiny_beir}]", "data.train_split=test",
+                 "synth.expert_by=chapter"]) == 2
+    assert "synth.expert_by: task" in capsys.readouterr().err
+    out = subprocess.run([sys.executable, "-m", "stm_ray.cli", "synthesize", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "ray.data.llm" in out and "OPENAI_API_KEY" in out

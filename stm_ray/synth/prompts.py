@@ -1,0 +1,79 @@
+"""Prompts the generator LLM gets: STM's hard-negative prompt and the instruction-pool prompt.
+
+Both are chat messages (the engine applies the generator's own chat template). The fixed text comes first and the
+row's fields last, so every prompt of a run shares a long prefix that vLLM's prefix cache computes once.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Query instructions for the built-in tasks; other tasks get the generic one (or model.query_instruction).
+DEFAULT_INSTRUCTIONS = {
+    "icd10": "Given a diagnosis or condition name, retrieve the ICD-10-CM code that covers it",
+    "scifact": "Given a scientific claim, retrieve documents that support or refute the claim",
+}
+GENERIC_INSTRUCTION = "Given a query, retrieve the passages that answer it"
+
+NEGATIVE_SYSTEM = (
+    "You write hard negative passages for training retrieval models. A hard negative looks relevant to a search "
+    "query but does not answer it."
+)
+NEGATIVE_RULES = (
+    "Write ONE new passage for the search task below. The passage must:\n"
+    "- be in the same domain as the relevant passage and use similar terminology;\n"
+    "- NOT answer the query and NOT be relevant to it;\n"
+    "- be realistic, with the style and length of the relevant passage;\n"
+    "- be harder than the existing hard negative, but not a near-duplicate of the relevant passage.\n"
+    "Reply with the passage text only: no title, no label, no explanation."
+)
+
+INSTRUCTION_SYSTEM = "You write task instructions for retrieval models."
+INSTRUCTION_RULES = (
+    "Write ONE instruction, a single sentence of at most 25 words, that tells a retrieval model what to find for a "
+    "search query in the task below. Start with a verb such as 'Given' or 'Retrieve'. Reply with the instruction "
+    "only."
+)
+
+
+def task_instruction(task_spec: str, task_name: str, configured: str | None) -> str:
+    """The instruction a task's rows are made with: the configured query instruction, else a built-in one."""
+    if configured:
+        return configured.strip().removeprefix("Instruct:").split("\n")[0].strip()
+    for key in (task_spec, task_name, task_name.split(":")[0]):
+        if key in DEFAULT_INSTRUCTIONS:
+            return DEFAULT_INSTRUCTIONS[key]
+    if "scifact" in task_name.lower():
+        return DEFAULT_INSTRUCTIONS["scifact"]
+    return GENERIC_INSTRUCTION
+
+
+def negative_messages(query: str, instruction: str, positive: str, negative: str | None) -> list[dict[str, str]]:
+    """STM: (query, instruction, positive, a mined negative) -> one new, harder negative."""
+    parts = [NEGATIVE_RULES, "", f"Task: {instruction}", f"Query: {query}", f"Relevant passage: {positive}"]
+    if negative:
+        parts.append(f"Existing hard negative: {negative}")
+    parts.append("New hard negative passage:")
+    return [{"role": "system", "content": NEGATIVE_SYSTEM}, {"role": "user", "content": "\n".join(parts)}]
+
+
+def instruction_messages(description: str, examples: list[str]) -> list[dict[str, str]]:
+    """STM's generic prompts: one retrieval instruction for a task description and a few example queries."""
+    ex = "\n".join(f"- {q}" for q in examples[:3])
+    user = f"{INSTRUCTION_RULES}\n\nTask: {description}\nExample queries:\n{ex}\nInstruction:"
+    return [{"role": "system", "content": INSTRUCTION_SYSTEM}, {"role": "user", "content": user}]
+
+
+_INSTR_START = re.compile(r"^(instruction\s*:\s*)", re.I)
+
+
+def clean_instruction(text: str) -> str | None:
+    """One generated instruction -> a clean single sentence, or None when it is not usable."""
+    line = next((ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()), "")
+    line = _INSTR_START.sub("", line).strip().strip('"\'“”').strip()
+    words = line.split()
+    if not (4 <= len(words) <= 40) or not line[0].isalpha():
+        return None
+    if re.match(r"^(sure|certainly|of course|here is|here's|i'm sorry|i cannot|as an ai)\b", line, re.I):
+        return None
+    return line.rstrip(".:;") 
