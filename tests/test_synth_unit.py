@@ -52,6 +52,10 @@ def test_instruction_cleaning_and_task_defaults():
         "Given a diagnosis, retrieve its ICD-10-CM code"
     assert clean_instruction("Sure, here is one instruction for you") is None
     assert clean_instruction("Retrieve") is None
+    assert clean_instruction("Question: Given a diagnosis name, retrieve its code. Example query: Given x") == \
+        "Given a diagnosis name, retrieve its code"
+    assert clean_instruction("Delete \"revised\" to make the instruction just") is None
+    assert clean_instruction("Hello Detective, I found the ICD-10-CM code for a disorder") is None
     assert task_instruction("icd10", "icd10", None).startswith("Given a diagnosis")
     assert task_instruction("beir:/x/scifact", "scifact", None).startswith("Given a scientific claim")
     assert task_instruction("icd10", "icd10", "Instruct: Find the code\nQuery: ") == "Find the code"

@@ -275,16 +275,17 @@ class _ShardWriter:
 def _write_instructions(out: Path, spec: str, task: RetrievalTask, texts: list[str], n: int) -> Path:
     from stm_ray.utils import atomic_write_json
 
-    keep: list[str] = []
+    # the task's own instruction first: a pool is never empty, even when a small generator writes nothing usable
+    keep: list[str] = [task_instruction(spec, task.name, None)]
     for t in texts:
         c = clean_instruction(t)
         if c and c.lower() not in {k.lower() for k in keep}:
             keep.append(c)
     path = _instruction_path(out, spec)
     atomic_write_json(path, {"task": spec, "description": task.description, "instructions": keep[:n],
-                             "generated": len(texts), "usable": len(keep)})
+                             "generated": len(texts), "usable": len(keep) - 1})
     if len(keep) < n:
-        log.warning("%s: %d of %d instructions usable (asked for %d)", spec, len(keep), len(texts), n)
+        log.warning("%s: %d of %d generated instructions usable (asked for %d)", spec, len(keep) - 1, len(texts), n)
     return path
 
 

@@ -64,16 +64,19 @@ def instruction_messages(description: str, examples: list[str]) -> list[dict[str
     return [{"role": "system", "content": INSTRUCTION_SYSTEM}, {"role": "user", "content": user}]
 
 
-_INSTR_START = re.compile(r"^(instruction\s*:\s*)", re.I)
+_INSTR_LABEL = re.compile(r"^((instruction|question|answer|task)\s*:\s*)+", re.I)
+_INSTR_VERBS = frozenset("given retrieve find identify search locate match return select rank fetch look "
+                         "determine map".split())
 
 
 def clean_instruction(text: str) -> str | None:
-    """One generated instruction -> a clean single sentence, or None when it is not usable."""
+    """One generated instruction -> a clean single sentence, or None when it is not usable: it must start the way
+    the prompt asks (``Given ...`` or an imperative retrieval verb) and be 4-40 words; echoed examples are cut."""
     line = next((ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()), "")
-    line = _INSTR_START.sub("", line).strip().strip('"\'“”').strip()
+    line = _INSTR_LABEL.sub("", line).strip().strip('"\'“”').strip()
+    line = re.split(r"\s*(example quer(y|ies)\s*:|query\s*:)", line, maxsplit=1, flags=re.I)[0].strip()
+    line = re.split(r"(?<=[.!?])\s", line, maxsplit=1)[0]
     words = line.split()
-    if not (4 <= len(words) <= 40) or not line[0].isalpha():
+    if not (4 <= len(words) <= 40) or words[0].lower().strip(",:") not in _INSTR_VERBS:
         return None
-    if re.match(r"^(sure|certainly|of course|here is|here's|i'm sorry|i cannot|as an ai)\b", line, re.I):
-        return None
-    return line.rstrip(".:;") 
+    return line.rstrip(".:;")
