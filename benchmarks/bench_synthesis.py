@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import claim, write_results  # noqa: E402
 
 TEMPERATURE, TOP_P = 0.7, 0.95
-RESULTS_DIR = Path(tempfile.gettempdir())
+LEG_DIR = Path(tempfile.gettempdir())  # each leg's raw result, for --hf-result on a later run
 
 
 def build_prompts(n: int, path: Path) -> None:
@@ -41,8 +41,7 @@ def build_prompts(n: int, path: Path) -> None:
     rows = plan_pairs(task, "icd10", cfg)[:n]
     ids = task.corpus.column("_id").to_pylist()
     index = {d: i for i, d in enumerate(ids)}
-    texts = [f"{t} {x}".strip() for t, x in zip(task.corpus.column("title").to_pylist(),
-                                                 task.corpus.column("text").to_pylist())]
+    texts = task.doc_texts()
     bm25 = BM25Index(texts)
     pos = [[index[r["positive_id"]]] for r in rows]
     judged = [{index[d] for d in r["judged_ids"] if d in index} for r in rows]
@@ -183,7 +182,7 @@ def main() -> None:
         r = json.loads(res_path.read_text())
         r["tok_per_s"] = r["tokens"] / r["seconds"]
         runs[which] = r
-        (RESULTS_DIR / f"bench_synthesis.{which}.json").write_text(json.dumps(r))
+        (LEG_DIR / f"bench_synthesis.{which}.json").write_text(json.dumps(r))
         print(f"  {which:5s} {r['tokens']:7d} tokens in {r['seconds']:6.1f} s = {r['tok_per_s']:6.1f} tok/s "
               f"(process {time.perf_counter() - t:.0f} s)", flush=True)
 

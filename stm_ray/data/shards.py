@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stm_ray.data.task import DataError, DataProblem, DataReport
+from stm_ray.utils import atomic_write_bytes
 
 NEGATIVE_SOURCES = ("mined-bm25", "mined-dense", "synthetic")
 
@@ -47,20 +47,12 @@ STATS_KEY = b"stm_ray.stats"
 def write_shard(table: pa.Table, path: str | os.PathLike, stats: dict | None = None) -> Path:
     """Write one parquet shard with the shard schema, atomically. ``stats`` (JSON) travel in the file's metadata,
     so a shard and the counts that describe it are written (or lost) together."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = table.select(list(SHARD_COLUMNS)).cast(SHARD_SCHEMA)
     if stats is not None:
         table = table.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return atomic_write_bytes(path, buf.getvalue().to_pybytes())
 
 
 def shard_stats(path: str | os.PathLike) -> dict:

@@ -130,9 +130,13 @@ class RetrievalTask:
             qids = sorted(qids, key=lambda q: stable_fraction(q, f"sample{seed}"))[:max_queries]
             qids.sort()
         rel = {q: rel[q] for q in qids}
+        return RetrievalSplit(self.name, split, qids, [qtext[q] for q in qids], self.corpus.column("_id").to_pylist(),
+                              self.doc_texts(), rel)
+
+    def doc_texts(self) -> list[str]:
+        """Every document as searched and embedded: ``title + " " + text`` (:func:`doc_text`), in corpus order."""
         c = self.corpus
-        texts = [doc_text(t, x) for t, x in zip(c.column("title").to_pylist(), c.column("text").to_pylist())]
-        return RetrievalSplit(self.name, split, qids, [qtext[q] for q in qids], c.column("_id").to_pylist(), texts, rel)
+        return [doc_text(t, x) for t, x in zip(c.column("title").to_pylist(), c.column("text").to_pylist())]
 
     def summary(self) -> dict[str, int]:
         out = {"documents": self.corpus.num_rows, "queries": self.queries.num_rows}

@@ -189,11 +189,15 @@ class Embedder(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> Embedder:
         """Build from a :class:`stm_ray.config.ModelConfig`."""
-        return cls.from_pretrained(cfg.name_or_path, pooling=cfg.pooling, normalize=cfg.normalize,
-                                   max_length=cfg.max_length, query_instruction=cfg.query_instruction,
-                                   document_instruction=cfg.document_instruction,
-                                   bidirectional=cfg.bidirectional or None, dtype=cfg.dtype, device=cfg.device,
-                                   batch_size=cfg.batch_size)
+        return cls.from_pretrained(**cls.config_kwargs(cfg))
+
+    @staticmethod
+    def config_kwargs(cfg) -> dict[str, Any]:
+        """:meth:`from_pretrained` arguments for a ModelConfig: plain values, for Ray actors that build their own."""
+        return {"name_or_path": cfg.name_or_path, "pooling": cfg.pooling, "normalize": cfg.normalize,
+                "max_length": cfg.max_length, "query_instruction": cfg.query_instruction,
+                "document_instruction": cfg.document_instruction, "bidirectional": cfg.bidirectional or None,
+                "dtype": cfg.dtype, "device": cfg.device, "batch_size": cfg.batch_size}
 
     # ---------------------------------------------------------------- properties
     @property

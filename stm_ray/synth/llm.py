@@ -93,12 +93,11 @@ def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool):
 
 
 def build_http_processor(cfg: SynthConfig):
-    """An OpenAI-compatible ``/chat/completions`` endpoint (a hosted model, or ``vllm serve``); the API key is read
-    from the environment variable ``cfg.api_key_env`` in the driver and sent as a bearer token."""
+    """An OpenAI-compatible ``/chat/completions`` endpoint (a hosted model, or ``vllm serve``) at ``cfg.base_url``
+    (required by SynthConfig for this engine); the API key is read from the environment variable
+    ``cfg.api_key_env`` in the driver and sent as a bearer token."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
-    if not cfg.base_url:
-        raise ValueError("synth.engine 'openai' needs synth.base_url (e.g. http://127.0.0.1:8001/v1)")
     headers = {}
     key = os.environ.get(cfg.api_key_env)
     if key:

@@ -21,8 +21,11 @@ class MinedNegatives:
     """Per query: the chosen negative doc indices (into the corpus), best first, and how many were filtered."""
 
     indices: list[list[int]]
-    dropped_as_false_negative: int
-    dropped_per_query: list[int] | None = None
+    dropped_per_query: list[int]
+
+    @property
+    def dropped_as_false_negative(self) -> int:
+        return sum(self.dropped_per_query)
 
 
 def select_negatives(cand_idx: np.ndarray, cand_scores: np.ndarray, positive_score: np.ndarray,
@@ -45,7 +48,7 @@ def select_negatives(cand_idx: np.ndarray, cand_scores: np.ndarray, positive_sco
                 break
         out.append(keep)
         per_query.append(dropped)
-    return MinedNegatives(out, sum(per_query), per_query)
+    return MinedNegatives(out, per_query)
 
 
 def mine_dense(query_emb: np.ndarray, corpus_emb: np.ndarray, positives: Sequence[Sequence[int]],
@@ -134,18 +137,19 @@ class MineBatch:
             self.embedder = Embedder.from_pretrained(**(model_kwargs or {}))
 
     @staticmethod
-    def empty(batch):
-        """The same output columns with no mined negatives (mining turned off)."""
+    def output(batch, negatives: list[list[str]] | None = None, sources: list[list[str]] | None = None,
+               dropped: list[int] | None = None):
+        """``batch`` with the three mined columns; without values: no mined negatives (mining off, or rows that
+        skip mining but share the generation stage's schema)."""
         import pyarrow as pa
 
         n = batch.num_rows
-        return (batch.append_column("mined_negatives", pa.array([[]] * n, pa.list_(pa.string())))
-                .append_column("mined_sources", pa.array([[]] * n, pa.list_(pa.string())))
-                .append_column("false_negatives_dropped", pa.array([0] * n, pa.int32())))
+        strings = pa.list_(pa.string())
+        return (batch.append_column("mined_negatives", pa.array(negatives or [[]] * n, strings))
+                .append_column("mined_sources", pa.array(sources or [[]] * n, strings))
+                .append_column("false_negatives_dropped", pa.array(dropped or [0] * n, pa.int32())))
 
     def __call__(self, batch):
-        import pyarrow as pa
-
         missing = [c for c in self.REQUIRED if c not in batch.column_names]
         if missing:
             raise ValueError(f"MineBatch needs columns {missing}; the batch has {batch.column_names}")
@@ -179,6 +183,4 @@ class MineBatch:
                         seen[k].add(j)
                         negs[i].append(t["texts"][j])
                         srcs[i].append(MINED_SOURCE[miner])
-        return (batch.append_column("mined_negatives", pa.array(negs, pa.list_(pa.string())))
-                .append_column("mined_sources", pa.array(srcs, pa.list_(pa.string())))
-                .append_column("false_negatives_dropped", pa.array(dropped, pa.int32())))
+        return self.output(batch, negs, srcs, dropped)

@@ -24,6 +24,7 @@ rerun writes exactly the shards that are missing: a run killed mid-way loses no 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -39,8 +40,9 @@ import pyarrow as pa
 from stm_ray.config import ConfigError, PipelineConfig
 from stm_ray.data import DataError, load_task
 from stm_ray.data.shards import NEGATIVE_SOURCES, shard_files, shard_stats, write_shard
-from stm_ray.data.task import RetrievalTask, doc_text, stable_fraction
+from stm_ray.data.task import RetrievalTask, stable_fraction
 from stm_ray.synth.checks import DROP_REASONS, check_negative
+from stm_ray.synth.mine import MineBatch
 from stm_ray.synth.prompts import clean_instruction, task_instruction
 
 log = logging.getLogger(__name__)
@@ -119,9 +121,7 @@ def plan_pairs(task: RetrievalTask, spec: str, cfg: PipelineConfig) -> list[dict
     s, d = cfg.synth, cfg.data
     qrels = task.qrels_dict(d.train_split)
     qtext = dict(zip(task.queries.column("_id").to_pylist(), task.queries.column("text").to_pylist()))
-    c = task.corpus
-    dtext = dict(zip(c.column("_id").to_pylist(),
-                     (doc_text(t, x) for t, x in zip(c.column("title").to_pylist(), c.column("text").to_pylist()))))
+    dtext = dict(zip(task.corpus.column("_id").to_pylist(), task.doc_texts()))
     qids = sorted(q for q in qrels if q in qtext and qtext[q].strip())
     if d.max_queries is not None and len(qids) > d.max_queries:
         qids = sorted(sorted(qids, key=lambda q: stable_fraction(q, f"sample{d.seed}"))[:d.max_queries])
@@ -151,17 +151,10 @@ def _instruction_path(out: Path, spec: str) -> Path:
     return out / "instructions" / f"{safe_name(spec)}.json"
 
 
-def _model_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
-    m = cfg.model
-    return {"name_or_path": m.name_or_path, "pooling": m.pooling, "normalize": m.normalize,
-            "max_length": m.max_length, "query_instruction": m.query_instruction,
-            "document_instruction": m.document_instruction, "bidirectional": m.bidirectional or None,
-            "dtype": m.dtype, "device": m.device, "batch_size": m.batch_size}
-
-
 def _corpus_embeddings(task: RetrievalTask, spec: str, cfg: PipelineConfig, out: Path) -> np.ndarray:
     """Dense corpus embeddings with the base model, computed once by a Ray Data actor pool, cached per model."""
     from stm_ray.eval.ray_encode import ray_encode
+    from stm_ray.modeling import Embedder
     from stm_ray.utils import atomic_write_bytes
 
     m = cfg.model
@@ -170,14 +163,10 @@ def _corpus_embeddings(task: RetrievalTask, spec: str, cfg: PipelineConfig, out:
     path = out / "cache" / f"{safe_name(spec)}-{key}.npy"
     if path.is_file():
         return np.load(path)
-    c = task.corpus
-    table = pa.table({"_id": c.column("_id"),
-                      "text": [doc_text(t, x) for t, x in zip(c.column("title").to_pylist(), c.column("text").to_pylist())]})
+    table = pa.table({"_id": task.corpus.column("_id"), "text": task.doc_texts()})
     log.info("encoding %d documents of %s for dense mining", table.num_rows, spec)
-    emb = ray_encode(table, _model_kwargs(cfg), prompt=m.document_instruction or "", batch_size=256,
+    emb = ray_encode(table, Embedder.config_kwargs(cfg.model), prompt=m.document_instruction or "", batch_size=256,
                      num_cpus=cfg.synth.mine_num_cpus)
-    import io
-
     buf = io.BytesIO()
     np.save(buf, emb)
     atomic_write_bytes(path, buf.getvalue())
@@ -223,7 +212,6 @@ class _ShardWriter:
         self.got: dict[tuple[str, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
         self.counts: dict[tuple[str, int], int] = Counter()
         self.written: list[Path] = []
-        self.drops: Counter = Counter()
         self.gen_tokens = 0
 
     def add(self, row: dict[str, Any]) -> None:
@@ -268,7 +256,6 @@ class _ShardWriter:
         stats = {"rows": len(rows), "negatives_by_source": dict(by_source), "drops_by_reason": dict(drops),
                  "synthetic_generated": generated, "false_negatives_dropped": fn_dropped}
         path = write_shard(pa.Table.from_pylist(rows), _shard_path(self.out, *sid), stats=stats)
-        self.drops.update(drops)
         self.written.append(path)
 
 
@@ -339,12 +326,12 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
         rows = plan_pairs(task, spec, cfg)
         if not rows:
             raise DataError(f"task {spec!r} has no (query, positive) pairs in split {cfg.data.train_split!r}")
+        done = {sh for sh in {r["shard"] for r in rows} if _shard_path(out, spec, sh).is_file()}
+        skipped += len(done)
         for r in rows:
-            if _shard_path(out, spec, r["shard"]).is_file():
-                continue
-            plan[(spec, r["shard"])].append(r)
-            pending_rows.append(r)
-        skipped += len({r["shard"] for r in rows}) - len({sid for sid in plan if sid[0] == spec})
+            if r["shard"] not in done:
+                plan[(spec, r["shard"])].append(r)
+                pending_rows.append(r)
         if s.instruction_pool_size and not _instruction_path(out, spec).is_file():
             instr_rows.extend(_instruction_rows(task, spec, cfg))
     result = SynthResult(out, shards_skipped=skipped)
@@ -360,7 +347,7 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         writer = _ShardWriter(out, plan, max(s.synthetic_per_query, 1), s.min_words, cfg.data.strict)
-        mined = _mine(ray, cfg, tasks, {r["task"] for r in pending_rows}, pending_rows, out) if pending_rows else None
+        mined = _mine(cfg, tasks, {r["task"] for r in pending_rows}, pending_rows, out) if pending_rows else None
         gen_parts, streams = [], []
         if mined is not None and s.synthetic_per_query > 0:
             n = s.synthetic_per_query
@@ -410,24 +397,23 @@ def _rows_table(rows: list[dict], *, mined: bool = False) -> pa.Table:
     t = pa.table({**{c: pa.array(v, pa.list_(pa.string())) if c in ("judged_ids", "examples") else
                      pa.array(v, pa.int64()) if c in ("gen", "shard") else pa.array(v, pa.string())
                      for c, v in cols.items()}})
-    if mined:  # rows that skip mining still need the mined columns (one schema for the generation stage)
-        t = (t.append_column("mined_negatives", pa.array([[] for _ in rows], pa.list_(pa.string())))
-             .append_column("mined_sources", pa.array([[] for _ in rows], pa.list_(pa.string())))
-             .append_column("false_negatives_dropped", pa.array([0] * len(rows), pa.int32())))
-    return t
+    # rows that skip mining still need the mined columns (one schema for the generation stage)
+    return MineBatch.output(t) if mined else t
 
 
-def _mine(ray, cfg: PipelineConfig, tasks: dict[str, RetrievalTask], specs: set[str], rows: list[dict], out: Path):
+def _mine(cfg: PipelineConfig, tasks: dict[str, RetrievalTask], specs: set[str], rows: list[dict], out: Path):
     """The mining execution: MineBatch actors over the pending rows, materialised in the object store."""
-    from stm_ray.synth.mine import MineBatch
+    import ray
+    import ray.data
+
+    from stm_ray.modeling import Embedder
 
     s = cfg.synth
     corpora = {}
     for spec in sorted(specs):
-        c = tasks[spec].corpus
-        texts = [doc_text(t, x) for t, x in zip(c.column("title").to_pylist(), c.column("text").to_pylist())]
         emb = _corpus_embeddings(tasks[spec], spec, cfg, out) if "dense" in s.miners else None
-        corpora[spec] = {"ids": ray.put(c.column("_id").to_pylist()), "texts": ray.put(texts),
+        corpora[spec] = {"ids": ray.put(tasks[spec].corpus.column("_id").to_pylist()),
+                         "texts": ray.put(tasks[spec].doc_texts()),
                          "embeddings": ray.put(emb) if emb is not None else None}
     # one block per shard: a shard's rows travel together, so shards complete (and are written) one after another
     # rather than all at the end
@@ -436,12 +422,12 @@ def _mine(ray, cfg: PipelineConfig, tasks: dict[str, RetrievalTask], specs: set[
                     (rows[i - 1]["task"], rows[i - 1]["shard"])] + [len(rows)]
     ds = ray.data.from_arrow([table.slice(a, b - a) for a, b in zip(starts, starts[1:])])
     if not s.miners or s.negatives_per_miner == 0:
-        return ds.map_batches(MineBatch.empty, batch_format="pyarrow", num_cpus=0.25)
+        return ds.map_batches(MineBatch.output, batch_format="pyarrow", num_cpus=0.25)
     t0 = time.perf_counter()
     mined = ds.map_batches(MineBatch, batch_format="pyarrow", batch_size=None, concurrency=(1, s.mine_concurrency),
                            num_cpus=s.mine_num_cpus,
                            fn_constructor_kwargs={"corpora": corpora, "miners": list(s.miners),
-                                                  "model_kwargs": _model_kwargs(cfg), "depth": s.mine_depth,
+                                                  "model_kwargs": Embedder.config_kwargs(cfg.model), "depth": s.mine_depth,
                                                   "count": s.negatives_per_miner,
                                                   "margin": s.false_negative_margin}).materialize()
     log.info("mined %d row(s) with %s in %.1f s", mined.count(), "+".join(s.miners), time.perf_counter() - t0)
