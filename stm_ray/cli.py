@@ -96,6 +96,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     _add_overrides(p)
 
+    p = sub.add_parser("tune-prompts", help="Ray Tune search over query instructions (dev NDCG@10)",
+                       description="Score candidate query instructions on the dev split of data.tasks with a fixed "
+                                   "model (no training): no instruction, the built-in task instructions, "
+                                   "search.instructions and the pools Synthesize wrote. Document embeddings are computed "
+                                   "once; each Tune trial encodes the dev queries with one instruction. Writes "
+                                   "<run_dir>/search/instructions.json and instruction_trials.png; when the model is a "
+                                   "folder of the run (an expert, merged/) the winner becomes its saved query prompt, "
+                                   "and the merge search gives it to the merged model. --train instead trains one "
+                                   "expert per instruction-pool size in search.pool_sizes (STM's generic prompts) and "
+                                   "scores each. Dev sets are capped (search.dev_max_queries) and pooled "
+                                   "(search.dev_corpus_size) to keep trials cheap.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
+    p.add_argument("--model", default=None, help="model to tune (default: <run_dir>/merged if present, else the base)")
+    p.add_argument("--train", action="store_true", help="training mode: one expert per size in search.pool_sizes")
+    p.add_argument("--shards", default=None, help="--train: shard folder (default: train.shards or <run_dir>/synth)")
+    p.add_argument("--no-save", action="store_true", help="do not write the winner into the model folder")
+    p.add_argument("--no-progress", action="store_true", help="no Tune progress tables (logs only)")
+    _add_overrides(p)
+
+    p = sub.add_parser("merge", help="Ray Tune + mergekit search over merges of the experts (dev NDCG@10)",
+                       description="Merge the experts under <run_dir>/experts with mergekit's Python API (methods in "
+                                   "merge.methods: linear, ties, dare_ties, task_arithmetic). Ray Tune searches per-expert "
+                                   "weights in [0, 1] (0 drops the expert) and TIES/DARE density, with Optuna "
+                                   "(merge.searcher=optuna, merge.num_samples trials) or the paper's full grid "
+                                   "(merge.searcher=grid: merge.weight_grid x merge.density_grid). Each trial merges "
+                                   "into a scratch folder, scores mean dev NDCG@10 over data.tasks (Recall@10 breaks "
+                                   "ties) and deletes it. The winner goes to <run_dir>/merged (a sentence-transformers "
+                                   "folder) with merge.json (method, coefficients, dropped experts, dev scores of base, "
+                                   "experts and merge, the trial table); the trials are plotted in "
+                                   "<run_dir>/search/merge_trials.png. An interrupted search resumes; a finished one is "
+                                   "skipped.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
+    p.add_argument("--no-progress", action="store_true", help="no Tune progress tables (logs only)")
+    _add_overrides(p)
+
     p = sub.add_parser("config", help="show or write the resolved configuration")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cs = csub.add_parser("show", help="print the resolved config (defaults + file + overrides) as YAML")
@@ -185,6 +222,45 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune_prompts(args) -> int:
+    from stm_ray.config import load_config
+    from stm_ray.eval import format_table
+    from stm_ray.search import instruction_table, search_instructions, search_pool_size
+
+    _split_config_arg(args)
+    cfg = load_config(args.config, args.overrides)
+    if args.train:
+        out = search_pool_size(cfg, shards=args.shards, show_progress=not args.no_progress)
+        rows = [{"pool size": r["pool_size"], "dev NDCG@10": r["ndcg_at_10"], "Recall@10": r["recall_at_10"]}
+                for r in out["trials"] if "error" not in r]
+        print("\n" + format_table(rows, ["pool size", "dev NDCG@10", "Recall@10"]))
+        print(f"\nbest pool size: {out['best']['pool_size']} -> {Path(cfg.run_dir) / 'search' / 'instruction_pools.json'}")
+        return 0
+    res = search_instructions(cfg, model=args.model, save=not args.no_save, show_progress=not args.no_progress)
+    print("\n" + instruction_table(res))
+    print(f"\nbest instruction: {res.instruction!r} (dev NDCG@10 {res.dev['ndcg_at_10']:.4f}; no instruction "
+          f"{res.baseline.get('ndcg_at_10', float('nan')):.4f})")
+    print(f"saved: {res.saved_to or 'not in the model folder (not a folder of this run)'}; "
+          f"results: {Path(cfg.run_dir) / 'search' / 'instructions.json'}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from stm_ray.config import load_config
+    from stm_ray.search import merge_table, search_merge
+
+    _split_config_arg(args)
+    cfg = load_config(args.config, args.overrides)
+    res = search_merge(cfg, show_progress=not args.no_progress)
+    print("\nmean dev NDCG@10 (Recall@10 breaks ties):")
+    print(merge_table(res))
+    name, single = res.best_single
+    print(f"\nmerged - best single expert ({name}): {res.dev['ndcg_at_10'] - single:+.4f}; "
+          f"{len(res.trials)} trials{' (already done)' if res.skipped else ''}")
+    print(f"merged model: {res.path}   (SentenceTransformer('{res.path}') loads it)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from stm_ray.config import load_config
     from stm_ray.data import load_task
@@ -230,7 +306,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo, "train": cmd_train,
-            "synthesize": cmd_synthesize}
+            "synthesize": cmd_synthesize, "tune-prompts": cmd_tune_prompts, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,24 +182,53 @@ class TrainConfig(_Frozen):
 
 
 class SearchConfig(_Frozen):
-    """Ray Tune searches over query instructions and merge coefficients."""
+    """Ray Tune search over query instructions, and the dev sets that both searches (instructions, merges) score on.
 
-    instructions: list[str] = Field(default_factory=list, description="Candidate query instructions (added to built-ins).")
-    num_samples: int = Field(16, ge=1, description="Tune trials per search.")
-    max_concurrent_trials: int = Field(1, ge=1, description="Trials at once.")
-    searcher: Literal["optuna", "grid", "random"] = Field("optuna", description="Search algorithm.")
-    dev_max_queries: int | None = Field(200, ge=1, description="Dev queries per task per trial (keeps trials cheap).")
+    A trial's score is mean NDCG@10 over ``data.tasks`` on their dev split (Recall@10 breaks ties). To keep trials
+    cheap, each task's dev set is capped at ``dev_max_queries`` queries and, when the corpus is larger than
+    ``dev_corpus_size``, searched in a pooled corpus: every judged document of those queries, the BM25 top
+    ``dev_pool_depth`` of each query, then a deterministic random sample up to ``dev_corpus_size``. Test
+    evaluation always uses the full corpus.
+    """
+
+    instructions: list[str] = Field(default_factory=list, description="Candidate query instructions, added to the "
+                                    "built-ins, the empty instruction and the synthesized pools.")
+    use_synth_pool: bool = Field(True, description="Add the instructions Synthesize wrote (<run_dir>/synth/instructions/*.json).")
+    num_samples: int = Field(32, ge=1, description="Instruction trials at most (every candidate once when the pool is smaller).")
+    searcher: Literal["optuna", "grid", "random"] = Field(
+        "grid", description="Instruction search: 'grid' scores every candidate; 'optuna'/'random' sample num_samples.")
+    pool_sizes: list[int] = Field(default_factory=lambda: [1, 10, 20, 50],
+                                  description="Training mode (tune-prompts --train): instruction-pool sizes, one expert each.")
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials at once (each merges and/or encodes).")
+    cpus_per_trial: int = Field(1, ge=1, description="CPUs (torch threads) per trial.")
+    gpus_per_trial: float = Field(0.0, ge=0.0, description="GPUs per trial (0 on CPU machines).")
+    dev_max_queries: int | None = Field(200, ge=1, description="Dev queries per task (deterministic subsample).")
+    dev_corpus_size: int | None = Field(5000, ge=1, description="Pooled dev corpus size per task; None = full corpus.")
+    dev_pool_depth: int = Field(20, ge=0, description="BM25 candidates per dev query put in the pooled corpus.")
+    seed: int = Field(13, description="Searcher and dev-pool seed.")
 
 
 class MergeConfig(_Frozen):
-    """mergekit merge of the experts."""
+    """Ray Tune search over mergekit merges of the experts (linear, TIES, DARE-TIES, task arithmetic).
+
+    Each trial merges with mergekit's Python API into a scratch folder, scores it on the dev sets (``search.*``)
+    and deletes it. Per-expert weights are in [0, 1] (0 drops the expert); TIES/DARE also search a density. The
+    winner is written to ``<run_dir>/merged`` with ``merge.json``.
+    """
 
     methods: list[Literal["linear", "ties", "dare_ties", "task_arithmetic"]] = Field(
         default_factory=lambda: ["linear", "ties"], description="Merge methods searched.")
+    searcher: Literal["optuna", "grid", "random"] = Field(
+        "optuna", description="'optuna' (TPE) or 'random' sample num_samples points; 'grid' runs the paper's full grid.")
+    num_samples: int = Field(24, ge=1, description="Trials for optuna/random.")
+    experts: list[str] | None = Field(None, description="Experts to merge (names under <run_dir>/experts); None = all.")
+    include_base: bool = Field(False, description="Linear merges: the base model is one more weighted component.")
+    weight_step: float = Field(0.05, gt=0.0, le=0.5, description="optuna/random: weights are multiples of this in [0, 1].")
     weight_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)],
-                                     description="Grid of per-expert weights (grid mode).")
+                                     description="Grid of per-expert weights (grid mode; the paper's {0, 0.1, ..., 0.9}).")
     density_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)],
-                                      description="Grid of TIES/DARE densities (grid mode).")
+                                      description="Grid of TIES/DARE densities (grid mode; the paper's {0.1, ..., 0.9}).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the merged weights.")
 
 
 class EvalConfig(_Frozen):

@@ -10,7 +10,7 @@ from stm_ray.cli import build_parser, main
 
 def test_help_lists_commands_and_explains_overrides():
     text = build_parser().format_help()
-    for cmd in ("demo", "evaluate", "synthesize", "train", "config", "data"):
+    for cmd in ("demo", "evaluate", "synthesize", "train", "tune-prompts", "merge", "config", "data"):
         assert cmd in text
     assert "key=value" in text and "beir:DIR" in text and "minilm" in text
 
@@ -81,3 +81,28 @@ def test_synthesize_command_errors_name_the_problem(tiny_beir, capsys):
     out = subprocess.run([sys.executable, "-m", "stm_ray.cli", "synthesize", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "ray.data.llm" in out and "OPENAI_API_KEY" in out
+
+
+def test_merge_then_tune_prompts_commands(ray_local, tiny_bert_dir, beir_train_dev, tmp_path, capsys):
+    from tests.test_search_ray import _make_experts
+
+    run = tmp_path / "run"
+    _make_experts(tiny_bert_dir, run)
+    common = [f"run_dir={run}", f"data.tasks=[beir:{beir_train_dev}]", f"model.name_or_path={tiny_bert_dir}"]
+    assert main(["merge", "--no-progress", *common, "merge.searcher=grid", "merge.methods=[linear]",
+                 "merge.weight_grid=[0.0,1.0]"]) == 0
+    out = capsys.readouterr().out
+    assert "| base " in out and "| expert alpha " in out and "| merged (linear)" in out
+    assert "4 trials" in out and "SentenceTransformer(" in out
+    assert main(["tune-prompts", "--no-progress", *common, "search.instructions=[Find the disease]"]) == 0
+    out = capsys.readouterr().out
+    assert "Find the disease" in out and "(none)" in out and "best instruction:" in out
+    assert f"saved: {(run / 'merged').resolve()}" in out  # tunes <run_dir>/merged by default and saves into it
+
+
+def test_merge_command_errors_name_the_problem(tmp_path, capsys):
+    assert main(["merge", f"run_dir={tmp_path}"]) == 2
+    assert "no finished expert under" in capsys.readouterr().err
+    out = subprocess.run([sys.executable, "-m", "stm_ray.cli", "merge", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "mergekit" in out and "merge.searcher=grid" in out

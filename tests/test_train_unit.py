@@ -98,6 +98,12 @@ def test_build_batch_negatives_and_instruction_modes():
                         seed=0, step=step)
         seen.add(b.queries[0].split(" ")[0])
     assert seen == {"I1:", "I2:", "I3:"}  # sampled per query and step
+    # sentences (the instruction pools Synthesize writes) become "Instruct: ...\nQuery: " prefixes
+    sentence = TrainRows(queries=["qa"], positives=["pa"], negatives=[[]], instructions=["Find the code"], tasks=["t"])
+    for mode, pool in (("row", []), ("pool", ["Find the code"])):
+        b = build_batch(sentence, np.array([0]), n_neg=0, instruction_mode=mode, fixed_instruction="", pool=pool,
+                        seed=0, step=0)
+        assert b.queries == ["Instruct: Find the code\nQuery: qa"]
 
 
 def _shard_rows(n=3):

@@ -34,6 +34,17 @@ _ST_OTHER_POOLING_KEYS = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len
 META_FILE = "stm_ray.json"
 
 
+def instruction_prefix(instruction: str | None) -> str:
+    """The query prefix for an instruction: a sentence becomes ``"Instruct: {sentence}\nQuery: "`` (E5-mistral and
+    STM's format); text that already ends in whitespace (``"query: "``, ``"Instruct: ...\nQuery: "``) is a prefix
+    as it is; None or blank gives no prefix."""
+    if not instruction or not instruction.strip():
+        return ""
+    if instruction[-1].isspace():
+        return instruction
+    return f"Instruct: {instruction.strip()}\nQuery: "
+
+
 def is_decoder_config(config) -> bool:
     """Decoder-only LLM: has a causal-LM head class and no masked-LM one (BERT-likes have both)."""
     from transformers.models.auto.modeling_auto import (
@@ -135,8 +146,8 @@ class Embedder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.max_length = max_length
-        self.query_instruction = query_instruction or ""
-        self.document_instruction = document_instruction or ""
+        self.query_instruction = instruction_prefix(query_instruction)
+        self.document_instruction = instruction_prefix(document_instruction)
         self.is_decoder = is_decoder
         self.batch_size = batch_size
         self.name_or_path = name_or_path

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stm_ray.modeling.embedder import instruction_prefix
+
 log = logging.getLogger(__name__)
 
 
@@ -104,15 +106,16 @@ def build_batch(rows: TrainRows, idx: np.ndarray, *, n_neg: int, instruction_mod
     seed, step, row); missing slots are padding (masked in the loss, never encoded).
     Instructions: ``fixed`` prefixes every query with ``fixed_instruction``; ``row`` with the row's own
     instruction column; ``pool`` with one instruction sampled per query from ``pool`` (STM's generic prompts).
+    Sentences become ``Instruct: ...\\nQuery: `` prefixes (:func:`instruction_prefix`).
     """
     queries, positives, neg_slots = [], [], []
     for i in idx:
         i = int(i)
         rng = np.random.default_rng([seed, step, i])
         if instruction_mode == "pool" and pool:
-            instr = pool[int(rng.integers(len(pool)))]
+            instr = instruction_prefix(pool[int(rng.integers(len(pool)))])
         elif instruction_mode == "row":
-            instr = rows.instructions[i] or ""
+            instr = instruction_prefix(rows.instructions[i])
         else:
             instr = fixed_instruction
         queries.append(instr + rows.queries[i])

@@ -1,0 +1,120 @@
+"""What the instruction and merge searches share: Ray Tune plumbing, searchers, trial tables, plots."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METRIC = "objective"
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def searcher(kind: str, seed: int, points: list[dict[str, Any]] | None = None):
+    """The Tune search algorithm for ``kind`` (optuna: TPE; random; grid: Tune's variant generator)."""
+    if kind == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=METRIC, mode="max", points_to_evaluate=points or None,
+                            sampler=optuna.samplers.TPESampler(seed=seed))
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed if kind == "random" else None, points_to_evaluate=points or None)
+
+
+def run_tuner(trainable, *, param_space: dict[str, Any], kind: str, num_samples: int, seed: int,
+              storage: Path, name: str, resources: dict[str, float], max_concurrent: int,
+              points: list[dict[str, Any]] | None = None, show_progress: bool = True):
+    """Run (or resume, when ``storage/name`` holds an interrupted run) a Tune experiment; returns its ResultGrid."""
+    from ray import tune
+
+    storage.mkdir(parents=True, exist_ok=True)
+    path = storage / name
+    wrapped = tune.with_resources(trainable, resources)
+    if tune.Tuner.can_restore(str(path)):
+        log.info("resuming the Tune experiment in %s", path)
+        tuner = tune.Tuner.restore(str(path), trainable=wrapped, resume_errored=True, param_space=param_space)
+    else:
+        tuner = tune.Tuner(
+            wrapped, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher(kind, seed, points),
+                                        num_samples=num_samples, max_concurrent_trials=max_concurrent,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1 if show_progress else 0,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    return tuner.fit()
+
+
+def trial_rows(results, keys: list[str]) -> list[dict[str, Any]]:
+    """One row per finished trial, in the order the trials started: its config values and scores."""
+    rows = []
+    for r in results:
+        if r.error is not None or not r.metrics or METRIC not in r.metrics:
+            rows.append({"error": str(r.error)[:300] if r.error else "no result", **{k: None for k in keys}})
+            continue
+        m = r.metrics
+        row = {k: m.get(k) for k in keys}
+        row |= {"ndcg_at_10": m["ndcg_at_10"], "recall_at_10": m["recall_at_10"], "started": m.get("started", 0.0),
+                "seconds": m.get("seconds")}
+        row |= {k: v for k, v in m.items() if k.startswith("ndcg/")}
+        rows.append(row)
+    done = sorted((r for r in rows if "error" not in r), key=lambda r: r["started"])
+    for i, r in enumerate(done, 1):
+        r["trial"] = i
+    return done + [r for r in rows if "error" in r]
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        errors = [r["error"] for r in rows][:3]
+        raise RuntimeError(f"every trial failed; first errors: {errors}")
+    return max(ok, key=lambda r: (round(r["ndcg_at_10"], 10), round(r["recall_at_10"], 10), -r["trial"]))
+
+
+def plot_trials(rows: list[dict[str, Any]], path: Path, title: str, *, label_key: str | None = None,
+                reference: dict[str, float] | None = None) -> None:
+    """Score per trial (in order) with the best so far, and reference scores as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return
+    xs = [r["trial"] for r in ok]
+    ys = [r["ndcg_at_10"] for r in ok]
+    best = [max(ys[: i + 1]) for i in range(len(ys))]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if label_key:
+        groups = sorted({str(r.get(label_key)) for r in ok})
+        for g in groups:
+            pts = [(x, y) for x, y, r in zip(xs, ys, ok) if str(r.get(label_key)) == g]
+            ax.scatter(*zip(*pts), s=14, label=g)
+    else:
+        ax.scatter(xs, ys, s=14, label="trial")
+    ax.step(xs, best, where="post", color="black", lw=1.2, label="best so far")
+    for i, (name, v) in enumerate((reference or {}).items()):
+        if v is not None:
+            ax.axhline(v, ls="--", lw=0.8, color=f"C{(i + 4) % 10}", label=name)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("mean dev NDCG@10")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,262 @@
+"""``search_instructions(cfg)``: Ray Tune over query instructions, scored by mean dev NDCG@10 (no training).
+
+Candidates: no instruction, the built-in task instructions, ``search.instructions`` and the pools Synthesize wrote
+(``<run_dir>/synth/instructions/*.json``). The model is fixed, so each task's document embeddings are computed once
+and every trial only encodes the dev queries with its instruction. Training mode (:func:`search_pool_size`): each
+trial trains an expert with an instruction pool of size N (STM's generic prompts) and scores it.
+
+The winner is written to ``<run_dir>/search/instructions.json`` and, when the model is a folder of this run
+(an expert or ``merged/``), into its sentence-transformers prompt config, so every later load uses it; the merge
+search gives it to the merged model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stm_ray.data import DataError
+from stm_ray.search.common import best_row, fingerprint, plot_trials, run_tuner, trial_rows
+from stm_ray.search.dev import dev_sets, objective, score_embedder
+from stm_ray.utils import atomic_write_json, init_local_ray
+
+log = logging.getLogger("stm_ray.search")
+
+
+@dataclass
+class InstructionSearchResult:
+    model: str
+    instruction: str
+    prefix: str
+    dev: dict[str, Any]
+    baseline: dict[str, Any]
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    saved_to: str | None = None
+
+
+def candidate_instructions(cfg) -> list[str]:
+    """No instruction, built-ins, the configured candidates and the synthesized pools, deduplicated in order."""
+    from stm_ray.data import load_task
+    from stm_ray.synth.prompts import DEFAULT_INSTRUCTIONS, GENERIC_INSTRUCTION, task_instruction
+
+    out = [""]
+    for spec in cfg.data.tasks:
+        try:
+            name = load_task(spec).name
+        except (DataError, OSError):
+            name = spec
+        out.append(task_instruction(spec, name, None))
+    out += [*DEFAULT_INSTRUCTIONS.values(), GENERIC_INSTRUCTION, *cfg.search.instructions]
+    if cfg.search.use_synth_pool:
+        for f in sorted((Path(cfg.run_dir) / "synth" / "instructions").glob("*.json")):
+            try:
+                obj = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                log.warning("instruction pool %s unreadable (%s); skipped", f, e)
+                continue
+            out += [x for x in (obj.get("instructions") if isinstance(obj, dict) else obj) or [] if isinstance(x, str)]
+    return list(dict.fromkeys(x.strip() for x in out if x is not None))
+
+
+def _embed_corpora(model_kwargs: dict[str, Any], sets, cpus: int, gpus: float):
+    import ray
+
+    @ray.remote(num_cpus=cpus, num_gpus=gpus)
+    def embed(sets):
+        import torch
+
+        from stm_ray.modeling import Embedder
+
+        torch.set_num_threads(cpus)
+        emb = Embedder.from_pretrained(**model_kwargs)
+        return [emb.encode_corpus(s.corpus) for s in sets]
+
+    return embed.remote(sets)
+
+
+def instruction_trial(config: dict[str, Any], spec: dict[str, Any], dev, corpus_embs) -> None:
+    import torch
+    from ray import tune
+
+    from stm_ray.modeling import instruction_prefix
+
+    torch.set_num_threads(spec["threads"])
+    t0, started = time.perf_counter(), time.time()
+    instruction = spec["candidates"][config["candidate"]]
+    emb = _cached_embedder(spec["model_kwargs"])
+    emb.query_instruction = instruction_prefix(instruction)
+    s = score_embedder(emb, dev, corpus_embs=corpus_embs)
+    tune.report({"objective": objective(s.ndcg_at_10, s.recall_at_10), "ndcg_at_10": s.ndcg_at_10,
+                 "recall_at_10": s.recall_at_10, "started": started, "seconds": time.perf_counter() - t0,
+                 "candidate": config["candidate"], "instruction": instruction,
+                 **{f"ndcg/{t}": v["ndcg_at_10"] for t, v in s.per_task.items()}})
+
+
+_MODEL_CACHE: dict[str, Any] = {}
+
+
+def _cached_embedder(model_kwargs: dict[str, Any]):
+    """Trials reuse their actor (``reuse_actors``): load the model once per actor."""
+    from stm_ray.modeling import Embedder
+
+    key = json.dumps(model_kwargs, sort_keys=True)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = Embedder.from_pretrained(**model_kwargs)
+    return _MODEL_CACHE[key]
+
+
+def save_instruction(model_dir: Path, prefix: str) -> None:
+    """Make ``prefix`` the saved query prompt of a model folder (sentence-transformers config and stm_ray.json)."""
+    from stm_ray.modeling.embedder import META_FILE
+    from stm_ray.utils import atomic_write_text
+
+    for name, update in (("config_sentence_transformers.json", lambda c: c.setdefault("prompts", {}).__setitem__("query", prefix)),
+                         (META_FILE, lambda c: c.__setitem__("query_instruction", prefix))):
+        f = model_dir / name
+        if f.is_file():
+            obj = json.loads(f.read_text())
+            update(obj)
+            atomic_write_text(f, json.dumps(obj, indent=2) + "\n")
+
+
+def default_model(cfg) -> str:
+    merged = Path(cfg.run_dir) / "merged"
+    return str(merged) if (merged / "merge.json").is_file() else cfg.model.name_or_path
+
+
+def search_instructions(cfg, *, model: str | None = None, save: bool = True,
+                        show_progress: bool = True) -> InstructionSearchResult:
+    """Score every candidate instruction (grid) or ``search.num_samples`` of them (optuna/random) on the dev sets."""
+    import ray
+    from ray import tune
+
+    from stm_ray.modeling import instruction_prefix
+
+    s = cfg.search
+    run_dir = Path(cfg.run_dir).resolve()
+    model = model or default_model(cfg)
+    candidates = candidate_instructions(cfg)
+    init_local_ray()
+    dev = dev_sets(cfg)
+    model_kwargs = {"name_or_path": model, "max_length": cfg.model.max_length, "batch_size": cfg.model.batch_size,
+                    "device": "cpu" if s.gpus_per_trial == 0 else "auto", "dtype": cfg.model.dtype,
+                    "pooling": cfg.model.pooling}
+    log.info("instruction search on %s: %d candidates, searcher %s", model, len(candidates), s.searcher)
+    corpus_embs = ray.get(_embed_corpora(model_kwargs, dev, s.cpus_per_trial, s.gpus_per_trial))
+    spec = {"candidates": candidates, "model_kwargs": model_kwargs, "threads": s.cpus_per_trial}
+    grid = s.searcher == "grid" or len(candidates) <= s.num_samples
+    space = {"candidate": tune.grid_search(list(range(len(candidates)))) if grid
+             else tune.choice(list(range(len(candidates))))}
+    fp = fingerprint(model, candidates, s.model_dump(), cfg.data.model_dump())
+    trainable = tune.with_parameters(instruction_trial, spec=spec, dev=dev, corpus_embs=corpus_embs)
+    results = run_tuner(trainable, param_space=space, kind="grid" if grid else s.searcher,
+                        num_samples=1 if grid else s.num_samples, seed=s.seed, storage=run_dir / "search" / "tune",
+                        name=f"instructions-{fp}", resources={"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
+                        max_concurrent=s.max_concurrent_trials, show_progress=show_progress)
+    rows = trial_rows(results, ["candidate", "instruction"])
+    best = best_row(rows)
+    baseline = next((r for r in rows if r["instruction"] == ""), None)
+    prefix = instruction_prefix(best["instruction"])
+    saved_to = None
+    model_dir = Path(model).resolve()
+    if save and model_dir.is_dir() and run_dir in model_dir.parents:
+        save_instruction(model_dir, prefix)
+        saved_to = str(model_dir)
+    result = InstructionSearchResult(
+        model=model, instruction=best["instruction"], prefix=prefix,
+        dev={"ndcg_at_10": best["ndcg_at_10"], "recall_at_10": best["recall_at_10"]},
+        baseline={"ndcg_at_10": baseline["ndcg_at_10"], "recall_at_10": baseline["recall_at_10"]} if baseline else {},
+        trials=rows, saved_to=saved_to)
+    atomic_write_json(run_dir / "search" / "instructions.json",
+                      {"best": {"instruction": best["instruction"], "prefix": prefix, **result.dev},
+                       **{k: v for k, v in asdict(result).items() if k not in ("instruction", "prefix")},
+                       "dev_sets": {d.task: {"queries": len(d), "documents": len(d.corpus)} for d in dev}})
+    plot_trials(rows, run_dir / "search" / "instruction_trials.png", f"instruction search ({len(rows)} trials)",
+                reference={"no instruction": result.baseline.get("ndcg_at_10")})
+    log.info("best instruction %r: dev NDCG@10 %.4f (no instruction %.4f)%s", best["instruction"], best["ndcg_at_10"],
+             result.baseline.get("ndcg_at_10", float("nan")), f"; saved into {saved_to}" if saved_to else "")
+    return result
+
+
+def instruction_table(result: InstructionSearchResult, top: int = 10) -> str:
+    from stm_ray.eval.evaluate import format_table
+
+    rows = sorted(result.trials, key=lambda r: -r["ndcg_at_10"])[:top]
+    return format_table([{"rank": i, "dev NDCG@10": r["ndcg_at_10"], "Recall@10": r["recall_at_10"],
+                          "instruction": (r["instruction"] or "(none)")[:90]} for i, r in enumerate(rows, 1)],
+                        ["rank", "dev NDCG@10", "Recall@10", "instruction"])
+
+
+# ---------------------------------------------------------------------------------------------- training mode
+def pool_trial(config: dict[str, Any], spec: dict[str, Any], dev) -> None:
+    """A Tune trial that trains one expert (Ray Train) with an instruction pool of size N, then scores it."""
+    import ray
+    from ray import tune
+
+    from stm_ray.config import PipelineConfig
+    from stm_ray.data.shards import read_shards
+    from stm_ray.train.experts import train_expert
+
+    t0, started = time.perf_counter(), time.time()
+    n = int(config["pool_size"])
+    cfg = PipelineConfig.model_validate(spec["cfg"])
+    pool = spec["candidates"][:n]
+    cfg = cfg.model_copy(update={
+        "run_dir": str(Path(spec["root"]) / f"pool-{n}"),
+        "train": cfg.train.model_copy(update={"instruction_mode": "pool", "instruction_pool": pool, "evaluate_dev": False}),
+        "model": cfg.model.model_copy(update={"query_instruction": None})})
+    table = read_shards(spec["shards"], strict=cfg.data.strict)
+    res = train_expert(cfg, "all", table, pool=pool)
+
+    @ray.remote(num_cpus=spec["threads"])
+    def score(path: str, dev_sets):
+        import torch
+
+        from stm_ray.modeling import Embedder
+
+        torch.set_num_threads(spec["threads"])
+        return score_embedder(Embedder.from_pretrained(path, device="cpu"), dev_sets)
+
+    # outside the trial's tiny placement group, like the Ray Train workers
+    s = ray.get(score.options(scheduling_strategy="DEFAULT").remote(res.path, dev))
+    tune.report({"objective": objective(s.ndcg_at_10, s.recall_at_10), "ndcg_at_10": s.ndcg_at_10,
+                 "recall_at_10": s.recall_at_10, "started": started, "seconds": time.perf_counter() - t0,
+                 "pool_size": n, "expert": res.path, **{f"ndcg/{t}": v["ndcg_at_10"] for t, v in s.per_task.items()}})
+
+
+def search_pool_size(cfg, *, shards: str | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Training mode: one expert per pool size in ``search.pool_sizes`` (over all shard rows), each scored on dev."""
+    from ray import tune
+
+    s = cfg.search
+    run_dir = Path(cfg.run_dir).resolve()
+    candidates = [c for c in candidate_instructions(cfg) if c]
+    sizes = sorted({min(n, len(candidates)) for n in s.pool_sizes})
+    if not candidates:
+        raise DataError("no candidate instructions for the pool (add search.instructions or run synthesize)")
+    init_local_ray()
+    dev = dev_sets(cfg)
+    source = shards or cfg.train.shards or str(run_dir / "synth")
+    spec = {"cfg": cfg.model_dump(), "candidates": candidates, "root": str(run_dir / "search" / "pools"),
+            "shards": source, "threads": s.cpus_per_trial}
+    fp = fingerprint(candidates, sizes, cfg.train.model_dump(), cfg.model.model_dump(), cfg.data.model_dump(), source)
+    log.info("instruction-pool search: pool sizes %s over %d candidates, shards %s", sizes, len(candidates), source)
+    # the trial itself only drives Ray Train (whose workers hold the CPUs) and a scoring task
+    results = run_tuner(tune.with_parameters(pool_trial, spec=spec, dev=dev),
+                        param_space={"pool_size": tune.grid_search(sizes)}, kind="grid", num_samples=1, seed=s.seed,
+                        storage=run_dir / "search" / "tune", name=f"pools-{fp}", resources={"CPU": 0.01},
+                        max_concurrent=s.max_concurrent_trials, show_progress=show_progress)
+    rows = trial_rows(results, ["pool_size", "expert"])
+    best = best_row(rows)
+    out = {"best": {"pool_size": best["pool_size"], "instructions": candidates[:best["pool_size"]],
+                    "ndcg_at_10": best["ndcg_at_10"], "recall_at_10": best["recall_at_10"], "expert": best["expert"]},
+           "trials": rows}
+    atomic_write_json(run_dir / "search" / "instruction_pools.json", out)
+    log.info("best pool size %d: dev NDCG@10 %.4f (%s)", best["pool_size"], best["ndcg_at_10"],
+             ", ".join(f"{r['pool_size']}: {r['ndcg_at_10']:.4f}" for r in rows if "error" not in r))
+    return out

@@ -1,0 +1,243 @@
+"""``search_merge(cfg)``: Ray Tune over mergekit merges of the experts, scored on the dev sets.
+
+Each trial merges the experts with mergekit (``stm_ray.merge.merge_models``) into a scratch folder, scores mean dev
+NDCG@10 over the tasks (Recall@10 breaks ties) and deletes the folder. ``merge.searcher=optuna`` samples
+``merge.num_samples`` points with TPE (started from the equal-weight linear merge); ``grid`` runs the paper's grid
+(weights ``merge.weight_grid`` per expert, densities ``merge.density_grid`` for TIES/DARE). Layout::
+
+    <run_dir>/search/base/                  the base model in the experts' layout (ties/dare/task arithmetic)
+    <run_dir>/search/tune/merge-<fp>/       the Tune experiment (a rerun resumes it)
+    <run_dir>/search/merge_trials.png       score per trial, best so far, base and expert scores
+    <run_dir>/merged/                       the winner: a sentence-transformers folder
+    <run_dir>/merged/merge.json             method, coefficients, dropped experts, dev scores, the trial table
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stm_ray.data import DataError
+from stm_ray.merge.mergekit_run import USES_DENSITY, merge_models, prepare_base
+from stm_ray.search.common import best_row, fingerprint, plot_trials, run_tuner, trial_rows
+from stm_ray.search.dev import DevScore, dev_sets, objective, score_embedder
+from stm_ray.utils import atomic_write_json, init_local_ray
+
+log = logging.getLogger("stm_ray.search")
+
+
+@dataclass
+class MergeSearchResult:
+    path: str
+    method: str
+    weights: dict[str, float]
+    density: float | None
+    dropped: list[str]
+    dev: dict[str, Any]
+    base_dev: dict[str, Any]
+    experts_dev: dict[str, dict[str, Any]]
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    skipped: bool = False
+
+    @property
+    def best_single(self) -> tuple[str, float]:
+        name = max(self.experts_dev, key=lambda n: self.experts_dev[n]["ndcg_at_10"])
+        return name, self.experts_dev[name]["ndcg_at_10"]
+
+
+def find_experts(cfg) -> dict[str, str]:
+    """{name: folder} of the finished experts under ``<run_dir>/experts`` (``merge.experts`` selects)."""
+    root = Path(cfg.run_dir) / "experts"
+    found = {p.parent.name: str(p.parent.resolve()) for p in sorted(root.glob("*/metrics.json"))}
+    wanted = cfg.merge.experts
+    if wanted:
+        missing = [n for n in wanted if n not in found]
+        if missing:
+            raise DataError(f"merge.experts: {missing} not found under {root}; finished experts: {sorted(found)}")
+        found = {n: found[n] for n in wanted}
+    if not found:
+        raise DataError(f"no finished expert under {root} (run `stm-ray train` first)")
+    return found
+
+
+def _grid_points(components: list[str], methods: list[str], weights: list[float], densities: list[float],
+                 has_base: bool) -> list[dict[str, Any]]:
+    points = []
+    for method in methods:
+        comps = [c for c in components if c != "base" or method == "linear"]
+        for ws in itertools.product(weights, repeat=len(comps)):
+            if not any(w > 0 for w in ws) and (method == "linear" and not has_base):
+                continue
+            for d in (densities if method in USES_DENSITY else [None]):
+                points.append({"method": method, "density": d, **{f"w_{c}": w for c, w in zip(comps, ws)}})
+    return points
+
+
+def _read_point(config: dict[str, Any], components: list[str]) -> tuple[str, dict[str, float], float | None]:
+    point = config.get("point", config)
+    method = point["method"]
+    weights = {c: float(point.get(f"w_{c}", 0.0) or 0.0) for c in components if c != "base" or method == "linear"}
+    density = point.get("density") if method in USES_DENSITY else None
+    return method, weights, None if density is None else float(density)
+
+
+def merge_trial(config: dict[str, Any], spec: dict[str, Any], dev) -> None:
+    """A Tune trial: merge one point into a scratch folder, score it on the dev sets, report, delete."""
+    import torch
+    from ray import tune
+
+    from stm_ray.modeling import Embedder
+
+    torch.set_num_threads(spec["threads"])
+    t0, started = time.perf_counter(), time.time()
+    method, weights, density = _read_point(config, spec["components"])
+    scratch = Path(spec["scratch"]) / uuid.uuid4().hex[:12]
+    try:
+        merge_models(method, {spec["paths"][c]: w for c, w in weights.items()}, scratch, base=spec["base"],
+                     density=density, dtype=spec["dtype"], query_instruction=spec["query_instruction"], seed=spec["seed"])
+        emb = Embedder.from_pretrained(str(scratch), **spec["model_kwargs"])
+        s = score_embedder(emb, dev)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    tune.report({"objective": objective(s.ndcg_at_10, s.recall_at_10), "ndcg_at_10": s.ndcg_at_10,
+                 "recall_at_10": s.recall_at_10, "started": started, "seconds": time.perf_counter() - t0,
+                 "method": method, "density": density, **{f"w_{c}": w for c, w in weights.items()},
+                 **{f"ndcg/{t}": v["ndcg_at_10"] for t, v in s.per_task.items()}})
+
+
+def _score_folders(paths: dict[str, str], dev, model_kwargs: dict[str, Any], cpus: int, gpus: float) -> dict[str, DevScore]:
+    """Dev scores of whole models (base, each expert), as Ray tasks."""
+    import ray
+
+    @ray.remote(num_cpus=cpus, num_gpus=gpus)
+    def score(path: str, dev_sets) -> DevScore:
+        import torch
+
+        from stm_ray.modeling import Embedder
+
+        torch.set_num_threads(cpus)
+        return score_embedder(Embedder.from_pretrained(path, **model_kwargs), dev_sets)
+
+    dev_ref = ray.put(dev)
+    refs = {n: score.remote(p, dev_ref) for n, p in paths.items()}
+    return {n: ray.get(r) for n, r in refs.items()}
+
+
+def query_instruction_for(cfg) -> str | None:
+    """The query instruction the merged model gets: ``model.query_instruction``, else the instruction search's
+    winner (``<run_dir>/search/instructions.json``), else None (the experts' own)."""
+    if cfg.model.query_instruction is not None:
+        return cfg.model.query_instruction
+    found = Path(cfg.run_dir) / "search" / "instructions.json"
+    if found.is_file():
+        return json.loads(found.read_text()).get("best", {}).get("instruction")
+    return None
+
+
+def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
+    """Search merge methods and coefficients with Ray Tune; write the winner to ``<run_dir>/merged``."""
+    m, s = cfg.merge, cfg.search
+    run_dir = Path(cfg.run_dir).resolve()
+    experts = find_experts(cfg)
+    out = run_dir / "merged"
+    instr = query_instruction_for(cfg)
+    expert_fps = {n: json.loads((Path(p) / "metrics.json").read_text()).get("fingerprint") for n, p in experts.items()}
+    fp = fingerprint(m.model_dump(), s.model_dump(exclude={"instructions", "use_synth_pool", "pool_sizes"}),
+                     cfg.data.model_dump(), cfg.model.model_dump(), expert_fps, instr)
+    if (out / "merge.json").is_file():
+        prev = json.loads((out / "merge.json").read_text())
+        if prev.get("fingerprint") == fp:
+            log.info("merge search already done (%s); skipped", out / "merge.json")
+            return MergeSearchResult(**prev["result"], trials=prev["trials"], skipped=True)
+    init_local_ray()
+    for method in m.methods:
+        if method not in ("linear", "ties", "dare_ties", "task_arithmetic"):
+            raise DataError(f"merge.methods: unknown method {method!r}")
+    log.info("merge search over %d expert(s) %s: methods %s, searcher %s", len(experts), list(experts), m.methods,
+             m.searcher)
+    base = str(prepare_base(cfg.model, run_dir / "search" / "base"))
+    dev = dev_sets(cfg)
+    model_kwargs = {"max_length": cfg.model.max_length, "batch_size": cfg.model.batch_size, "device": "cpu"
+                    if s.gpus_per_trial == 0 else "auto", "dtype": cfg.model.dtype}
+    if instr is not None:
+        model_kwargs["query_instruction"] = instr
+    refs = _score_folders({"base": base, **experts}, dev, model_kwargs, s.cpus_per_trial, s.gpus_per_trial)
+    base_dev, experts_dev = refs.pop("base"), refs
+    for n, sc in [("base", base_dev), *experts_dev.items()]:
+        log.info("dev NDCG@10 %-24s %.4f", n, sc.ndcg_at_10)
+
+    components = list(experts) + (["base"] if m.include_base and "linear" in m.methods else [])
+    paths = {**experts, "base": base}
+    spec = {"components": components, "paths": paths, "base": base, "dtype": m.dtype, "query_instruction": instr,
+            "seed": cfg.search.seed, "model_kwargs": model_kwargs, "threads": s.cpus_per_trial,
+            "scratch": str(run_dir / "search" / "scratch")}
+    from ray import tune
+
+    if m.searcher == "grid":
+        points = _grid_points(components, list(m.methods), m.weight_grid, m.density_grid, True)
+        space, samples, seed_points = {"point": tune.grid_search(points)}, 1, None
+        log.info("grid: %d trials", len(points))
+    else:
+        space = {f"w_{c}": tune.quniform(0.0, 1.0, m.weight_step) for c in components}
+        space["method"] = tune.choice(list(m.methods))
+        space["density"] = tune.quniform(0.1, 1.0, 0.05)
+        samples = m.num_samples
+        seed_points = [{"method": m.methods[0], "density": 0.5,
+                        **{f"w_{c}": (0.5 if c != "base" else 0.0) for c in components}}]
+    trainable = tune.with_parameters(merge_trial, spec=spec, dev=dev)
+    results = run_tuner(trainable, param_space=space, kind=m.searcher, num_samples=samples, seed=cfg.search.seed,
+                        storage=run_dir / "search" / "tune", name=f"merge-{fp}",
+                        resources={"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
+                        max_concurrent=s.max_concurrent_trials, points=seed_points, show_progress=show_progress)
+    keys = ["method", "density", *[f"w_{c}" for c in components]]
+    rows = trial_rows(results, keys)
+    best = best_row(rows)
+    weights = {c: float(best.get(f"w_{c}") or 0.0) for c in components if best.get(f"w_{c}") is not None}
+    method, density = best["method"], best.get("density")
+    dropped = [c for c, w in weights.items() if w <= 0]
+    shutil.rmtree(run_dir / "search" / "scratch", ignore_errors=True)
+
+    dev_best = {"ndcg_at_10": best["ndcg_at_10"], "recall_at_10": best["recall_at_10"],
+                "per_task": {k[5:]: v for k, v in best.items() if k.startswith("ndcg/")}}
+    result = MergeSearchResult(path=str(out), method=method, weights=weights, density=density, dropped=dropped,
+                               dev=dev_best, base_dev=base_dev.as_dict(),
+                               experts_dev={n: sc.as_dict() for n, sc in experts_dev.items()})
+    meta = {"searcher": m.searcher, "trials": len(rows), "experts": experts, "fingerprint": fp}
+    merge_models(method, {paths[c]: w for c, w in weights.items()}, out, base=base, density=density, dtype=m.dtype, query_instruction=instr, seed=cfg.search.seed, metadata=meta)
+    plot_trials(rows, run_dir / "search" / "merge_trials.png", f"merge search ({m.searcher}, {len(rows)} trials)",
+                label_key="method", reference={"base": base_dev.ndcg_at_10, **{n: sc.ndcg_at_10 for n, sc in experts_dev.items()}})
+    record = asdict(result)
+    record.pop("trials")
+    record.pop("skipped")
+    atomic_write_json(out / "merge.json", {"result": record, "fingerprint": fp, "searcher": m.searcher,
+                                           "query_instruction": instr, "experts": experts, "base_model": cfg.model.name_or_path,
+                                           "dev_sets": {d.task: {"queries": len(d), "documents": len(d.corpus)} for d in dev},
+                                           "trials": rows, "plot": str(run_dir / "search" / "merge_trials.png")})
+    result.trials = rows
+    name, single = result.best_single
+    log.info("best merge: %s %s density=%s dev NDCG@10 %.4f (best single expert %s %.4f, base %.4f) -> %s", method,
+             weights, density, result.dev["ndcg_at_10"], name, single, base_dev.ndcg_at_10, out)
+    return result
+
+
+def merge_table(result: MergeSearchResult) -> str:
+    """Dev NDCG@10 per task: base, each expert, the merged model."""
+    from stm_ray.eval.evaluate import format_table
+
+    tasks = list(result.dev["per_task"])
+    rows = [{"model": "base", **{t: result.base_dev["per_task"][t]["ndcg_at_10"] for t in tasks},
+             "mean": result.base_dev["ndcg_at_10"]}]
+    for n, d in result.experts_dev.items():
+        rows.append({"model": f"expert {n}", **{t: d["per_task"][t]["ndcg_at_10"] for t in tasks}, "mean": d["ndcg_at_10"]})
+    coeffs = ", ".join(f"{c}={w:g}" for c, w in result.weights.items())
+    rows.append({"model": f"merged ({result.method}{'' if result.density is None else f', density={result.density:g}'})",
+                 **{t: result.dev["per_task"][t] for t in tasks}, "mean": result.dev["ndcg_at_10"]})
+    return format_table(rows, ["model", *tasks, "mean"]) + f"\ncoefficients: {coeffs}" + (
+        f"; dropped: {', '.join(result.dropped)}" if result.dropped else "")

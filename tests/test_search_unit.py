@@ -1,0 +1,72 @@
+"""Search building blocks without a cluster: instruction prefixes, pooled dev corpora, grids, candidates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stm_ray.config import load_config
+from stm_ray.data import RetrievalSplit
+from stm_ray.modeling import instruction_prefix
+from stm_ray.search.dev import pooled_split
+from stm_ray.search.merge_search import _grid_points, _read_point
+
+
+def test_instruction_prefix():
+    assert instruction_prefix(None) == "" and instruction_prefix("  ") == ""
+    assert instruction_prefix("Find the code") == "Instruct: Find the code\nQuery: "
+    assert instruction_prefix("query: ") == "query: "
+    assert instruction_prefix("Instruct: x\nQuery: ") == "Instruct: x\nQuery: "
+
+
+def _split(n_docs=50):
+    ids = [f"d{i}" for i in range(n_docs)]
+    docs = [f"document {i} about {'asthma' if i % 7 == 0 else 'fracture'} number {i}" for i in range(n_docs)]
+    return RetrievalSplit("t", "dev", ["q1", "q2"], ["asthma attack", "fracture of femur"], ids, docs,
+                          {"q1": {"d3": 1}, "q2": {"d44": 2, "d45": 0}})
+
+
+def test_pooled_split_keeps_judged_and_bm25_candidates():
+    sp = _split()
+    pooled = pooled_split(sp, 10, depth=3)
+    assert len(pooled.corpus_ids) == 10
+    assert {"d3", "d44", "d45"} <= set(pooled.corpus_ids)
+    assert "d7" in pooled.corpus_ids or "d0" in pooled.corpus_ids  # BM25 hits for "asthma"
+    assert pooled.corpus == [sp.corpus[int(d[1:])] for d in pooled.corpus_ids]  # ids and texts stay aligned
+    assert pooled_split(sp, 10, depth=3).corpus_ids == pooled.corpus_ids  # deterministic
+    assert pooled_split(sp, 100, depth=3) is sp and pooled_split(sp, None, depth=3) is sp
+
+
+def test_grid_points_follow_the_paper_grid():
+    pts = _grid_points(["a", "b"], ["linear", "ties"], [0.0, 0.5, 1.0], [0.3, 0.6], True)
+    assert len([p for p in pts if p["method"] == "linear"]) == 9
+    assert len([p for p in pts if p["method"] == "ties"]) == 18
+    default = load_config(None, []).merge
+    assert len(_grid_points(["a", "b"], ["linear"], default.weight_grid, default.density_grid, True)) == 100
+    with_base = _grid_points(["a", "base"], ["linear", "ties"], [0.0, 1.0], [0.5], True)
+    assert all("w_base" not in p for p in with_base if p["method"] == "ties")
+    assert _read_point({"point": pts[-1]}, ["a", "b"]) == ("ties", {"a": 1.0, "b": 1.0}, 0.6)
+    assert _read_point({"method": "linear", "w_a": 0.2, "w_b": 0.0, "density": 0.9}, ["a", "b"]) == \
+        ("linear", {"a": 0.2, "b": 0.0}, None)
+
+
+def test_candidates_include_none_builtins_config_and_synth_pool(tmp_path, tiny_beir):
+    from stm_ray.search import candidate_instructions
+
+    (tmp_path / "synth" / "instructions").mkdir(parents=True)
+    (tmp_path / "synth" / "instructions" / "t.json").write_text(json.dumps({"instructions": ["Pooled one", "Mine"]}))
+    (tmp_path / "synth" / "instructions" / "bad.json").write_text("{not json")
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"data.tasks=[beir:{tiny_beir}]", "search.instructions=[Mine]"])
+    c = candidate_instructions(cfg)
+    assert c[0] == "" and "Mine" in c and "Pooled one" in c and len(c) == len(set(c))
+    off = candidate_instructions(cfg.model_copy(update={"search": cfg.search.model_copy(update={"use_synth_pool": False})}))
+    assert "Pooled one" not in off
+
+
+@pytest.mark.parametrize("bad", ["merge.methods=[slerp]", "merge.weight_step=0", "search.searcher=bayes"])
+def test_bad_search_config_is_a_clear_error(bad):
+    from stm_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=bad.split("=")[0].split(".")[-1]):
+        load_config(None, [bad])
