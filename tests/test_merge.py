@@ -87,7 +87,8 @@ def test_bert_linear_merge_is_the_weighted_average(bert_models, tmp_path):
 
 def test_weight_zero_drops_an_expert(bert_models, tmp_path):
     base, a, b = bert_models
-    out = merge_models("linear", {a: 0.6, b: 0.0}, tmp_path / "one", base=base)
+    out = merge_models("linear", {a: 0.6, b: 0.0}, tmp_path / "one", base=base, query_instruction="Find the disease")
+    assert Embedder.from_pretrained(str(out)).query_instruction == "Instruct: Find the disease\nQuery: "
     for k, v in _weights(a).items():
         torch.testing.assert_close(_weights(str(out))[k], v)
     empty = merge_models("ties", {a: 0.0, b: 0.0}, tmp_path / "none", base=base)

@@ -151,3 +151,47 @@ def test_pool_size_search_trains_one_expert_per_size(ray_local, tmp_path, tiny_b
         assert len(m["config"]["train"]["instruction_pool"]) == r["pool_size"]
     assert out["best"]["pool_size"] in (1, 3)
     assert json.loads((run / "search" / "instruction_pools.json").read_text())["best"] == out["best"]
+
+
+def test_killed_merge_search_resumes_its_tune_experiment(tmp_path, tiny_bert_dir, beir_train_dev):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    _make_experts(tiny_bert_dir, run)
+    grid = [round(0.1 * i, 1) for i in range(11)]
+    args = [sys.executable, "-m", "stm_ray.cli", "merge", "--no-progress", f"run_dir={run}",
+            f"data.tasks=[beir:{beir_train_dev}]", f"model.name_or_path={tiny_bert_dir}", "merge.searcher=grid",
+            "merge.methods=[linear]", f"merge.weight_grid=[{','.join(map(str, grid))}]"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+
+    def terminated() -> int:
+        """Trials the saved experiment state records as done (what a restore keeps)."""
+        states = list((run / "search" / "tune").glob("merge-*/experiment_state-*.json"))
+        return max((p.read_text().count("TERMINATED") for p in states), default=0) if states else 0
+
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and terminated() < 3:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the search ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = time.time()
+    assert not (run / "merged" / "merge.json").exists()
+    with open(tmp_path / "second.log", "w") as log:
+        again = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=400)
+    text = (tmp_path / "second.log").read_text()
+    assert again.returncode == 0, text[-3000:]
+    assert "resuming the Tune experiment" in text
+    meta = json.loads((run / "merged" / "merge.json").read_text())
+    assert len(meta["trials"]) == 121 and not any("error" in r for r in meta["trials"])
+    points = {(r["w_alpha"], r["w_beta"]) for r in meta["trials"]}
+    assert len(points) == 121  # every grid point exactly once
+    kept = [r for r in meta["trials"] if r["started"] < killed_at]
+    assert 3 <= len(kept) < 121, f"{len(kept)} trials kept from the killed run"

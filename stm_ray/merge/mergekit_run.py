@@ -100,7 +100,8 @@ def merge_models(method: str, weights: dict[str, float], out: str | Path, *, bas
     """Merge ``weights`` ({model folder: weight}, 0 = dropped) with mergekit into ``out`` (atomically).
 
     With every weight 0 the result is the base model itself (a copy). The folder loads in
-    ``SentenceTransformer(out)``; ``query_instruction`` (when given) becomes its query prompt.
+    ``SentenceTransformer(out)``; ``query_instruction`` (when given; a sentence becomes an ``Instruct: ...\\nQuery: ``
+    prefix) becomes its query prompt.
     """
     import torch
     from mergekit.config import MergeConfiguration
@@ -108,7 +109,7 @@ def merge_models(method: str, weights: dict[str, float], out: str | Path, *, bas
     from mergekit.options import MergeOptions
 
     from stm_ray.merge.compat import install
-    from stm_ray.modeling.embedder import META_FILE
+    from stm_ray.modeling.embedder import META_FILE, instruction_prefix
 
     install()
     out = Path(out)
@@ -131,6 +132,7 @@ def merge_models(method: str, weights: dict[str, float], out: str | Path, *, bas
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         meta["merge"] = {"method": method, "weights": weights, "density": density, "base": base, **(metadata or {})}
         if query_instruction is not None:
+            query_instruction = instruction_prefix(query_instruction)
             meta["query_instruction"] = query_instruction
             st = tmp / "config_sentence_transformers.json"
             if st.is_file():

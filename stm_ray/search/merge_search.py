@@ -149,7 +149,9 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
     out = run_dir / "merged"
     instr = query_instruction_for(cfg)
     expert_fps = {n: json.loads((Path(p) / "metrics.json").read_text()).get("fingerprint") for n, p in experts.items()}
-    fp = fingerprint(m.model_dump(), s.model_dump(exclude={"instructions", "use_synth_pool", "pool_sizes"}),
+    fp = fingerprint(m.model_dump(), s.model_dump(exclude={"instructions", "use_synth_pool", "pool_sizes", "searcher",
+                                                           "num_samples", "max_concurrent_trials", "cpus_per_trial",
+                                                           "gpus_per_trial"}),
                      cfg.data.model_dump(), cfg.model.model_dump(), expert_fps, instr)
     if (out / "merge.json").is_file():
         prev = json.loads((out / "merge.json").read_text())
