@@ -40,6 +40,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_scifact.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_synthesis.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_merge_search.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -83,9 +83,10 @@ def _grid_points(components: list[str], methods: list[str], weights: list[float]
 def _read_point(config: dict[str, Any], components: list[str]) -> tuple[str, dict[str, float], float | None]:
     point = config.get("point", config)
     method = point["method"]
-    weights = {c: float(point.get(f"w_{c}", 0.0) or 0.0) for c in components if c != "base" or method == "linear"}
+    # Tune's quantized samples carry float noise (0.6000000000000001): round to the grid's resolution
+    weights = {c: round(float(point.get(f"w_{c}", 0.0) or 0.0), 6) for c in components if c != "base" or method == "linear"}
     density = point.get("density") if method in USES_DENSITY else None
-    return method, weights, None if density is None else float(density)
+    return method, weights, None if density is None else round(float(density), 6)
 
 
 def merge_trial(config: dict[str, Any], spec: dict[str, Any], dev) -> None:
