@@ -39,12 +39,12 @@ def test_pooled_split_keeps_judged_and_bm25_candidates():
 
 
 def test_grid_points_follow_the_paper_grid():
-    pts = _grid_points(["a", "b"], ["linear", "ties"], [0.0, 0.5, 1.0], [0.3, 0.6], True)
+    pts = _grid_points(["a", "b"], ["linear", "ties"], [0.0, 0.5, 1.0], [0.3, 0.6])
     assert len([p for p in pts if p["method"] == "linear"]) == 9
     assert len([p for p in pts if p["method"] == "ties"]) == 18
     default = load_config(None, []).merge
-    assert len(_grid_points(["a", "b"], ["linear"], default.weight_grid, default.density_grid, True)) == 100
-    with_base = _grid_points(["a", "base"], ["linear", "ties"], [0.0, 1.0], [0.5], True)
+    assert len(_grid_points(["a", "b"], ["linear"], default.weight_grid, default.density_grid)) == 100
+    with_base = _grid_points(["a", "base"], ["linear", "ties"], [0.0, 1.0], [0.5])
     assert all("w_base" not in p for p in with_base if p["method"] == "ties")
     assert _read_point({"point": pts[-1]}, ["a", "b"]) == ("ties", {"a": 1.0, "b": 1.0}, 0.6)
     assert _read_point({"method": "linear", "w_a": 0.2, "w_b": 0.0, "density": 0.9}, ["a", "b"]) == \
@@ -70,3 +70,15 @@ def test_bad_search_config_is_a_clear_error(bad):
 
     with pytest.raises(ConfigError, match=bad.split("=")[0].split(".")[-1]):
         load_config(None, [bad])
+
+
+def test_embedder_formats_query_instructions_only(tiny_bert_dir):
+    from stm_ray.modeling import Embedder
+
+    emb = Embedder.from_pretrained(tiny_bert_dir, query_instruction="Find the code", document_instruction="passage:")
+    assert emb.query_instruction == "Instruct: Find the code\nQuery: "
+    assert emb.document_instruction == "passage:"  # a document prefix is never wrapped as a query instruction
+    emb.query_instruction = "Match the query"  # setting a sentence later stores the prefix too
+    assert emb.query_instruction == "Instruct: Match the query\nQuery: "
+    emb.query_instruction = None
+    assert emb.query_instruction == ""

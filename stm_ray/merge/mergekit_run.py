@@ -96,7 +96,7 @@ def _quiet_logs():
 
 def merge_models(method: str, weights: dict[str, float], out: str | Path, *, base: str | None = None,
                  density: float | None = None, dtype: str = "float32", query_instruction: str | None = None,
-                 seed: int = 13, metadata: dict[str, Any] | None = None, cache_dir: str | None = None) -> Path:
+                 seed: int = 13, metadata: dict[str, Any] | None = None) -> Path:
     """Merge ``weights`` ({model folder: weight}, 0 = dropped) with mergekit into ``out`` (atomically).
 
     With every weight 0 the result is the base model itself (a copy). The folder loads in
@@ -109,12 +109,11 @@ def merge_models(method: str, weights: dict[str, float], out: str | Path, *, bas
     from mergekit.options import MergeOptions
 
     from stm_ray.merge.compat import install
-    from stm_ray.modeling.embedder import META_FILE, instruction_prefix
+    from stm_ray.modeling.embedder import META_FILE, save_query_prompt
 
     install()
     out = Path(out)
     kept = [p for p, w in weights.items() if w > 0]
-    reference = Path(kept[0] if kept else (base or next(iter(weights))))
     with atomic_dir(out) as tmp:
         if not kept:
             if not base:
@@ -123,21 +122,14 @@ def merge_models(method: str, weights: dict[str, float], out: str | Path, *, bas
         else:
             mk = mergekit_config(method, weights, base=base, density=density, dtype=dtype)
             options = MergeOptions(device="cpu", copy_tokenizer=False, lazy_unpickle=False, random_seed=seed,
-                                   write_model_card=False, quiet=True, num_threads=torch.get_num_threads(),
-                                   transformers_cache=cache_dir)
+                                   write_model_card=False, quiet=True, num_threads=torch.get_num_threads())
             with _quiet_logs():
                 run_merge(MergeConfiguration.model_validate(mk), out_path=str(tmp), options=options)
-            _copy_support_files(reference, tmp)
+            _copy_support_files(Path(kept[0]), tmp)
         meta_path = tmp / META_FILE
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         meta["merge"] = {"method": method, "weights": weights, "density": density, "base": base, **(metadata or {})}
-        if query_instruction is not None:
-            query_instruction = instruction_prefix(query_instruction)
-            meta["query_instruction"] = query_instruction
-            st = tmp / "config_sentence_transformers.json"
-            if st.is_file():
-                cfg = json.loads(st.read_text())
-                cfg.setdefault("prompts", {})["query"] = query_instruction
-                st.write_text(json.dumps(cfg, indent=2) + "\n")
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        if query_instruction is not None:
+            save_query_prompt(tmp, query_instruction)
     return out

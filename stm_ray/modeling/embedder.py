@@ -45,6 +45,25 @@ def instruction_prefix(instruction: str | None) -> str:
     return f"Instruct: {instruction.strip()}\nQuery: "
 
 
+def save_query_prompt(folder: str | os.PathLike, instruction: str | None) -> str:
+    """Make ``instruction`` (as a prefix) the saved query prompt of a model folder: sentence-transformers'
+    ``prompts.query`` and ``stm_ray.json``, the two places every loader reads. Returns the prefix."""
+    from stm_ray.utils import atomic_write_text
+
+    prefix = instruction_prefix(instruction)
+    folder = Path(folder)
+    for name, key in (("config_sentence_transformers.json", "prompts"), (META_FILE, "query_instruction")):
+        f = folder / name
+        if f.is_file():
+            obj = json.loads(f.read_text(encoding="utf-8"))
+            if key == "prompts":
+                obj.setdefault("prompts", {})["query"] = prefix
+            else:
+                obj[key] = prefix
+            atomic_write_text(f, json.dumps(obj, indent=2) + "\n")
+    return prefix
+
+
 def is_decoder_config(config) -> bool:
     """Decoder-only LLM: has a causal-LM head class and no masked-LM one (BERT-likes have both)."""
     from transformers.models.auto.modeling_auto import (
@@ -146,8 +165,8 @@ class Embedder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.max_length = max_length
-        self.query_instruction = instruction_prefix(query_instruction)
-        self.document_instruction = instruction_prefix(document_instruction)
+        self.query_instruction = query_instruction  # type: ignore[assignment]  (the setter formats it)
+        self.document_instruction = document_instruction or ""
         self.is_decoder = is_decoder
         self.batch_size = batch_size
         self.name_or_path = name_or_path
@@ -211,6 +230,15 @@ class Embedder(nn.Module):
                 "dtype": cfg.dtype, "device": cfg.device, "batch_size": cfg.batch_size}
 
     # ---------------------------------------------------------------- properties
+    @property
+    def query_instruction(self) -> str:
+        """The query prefix; setting an instruction sentence stores it as a prefix (:func:`instruction_prefix`)."""
+        return self._query_instruction
+
+    @query_instruction.setter
+    def query_instruction(self, instruction: str | None) -> None:
+        self._query_instruction = instruction_prefix(instruction)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

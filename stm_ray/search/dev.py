@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from stm_ray.data import RetrievalSplit, load_task
+from stm_ray.data import RetrievalSplit, RetrievalTask, load_task
 from stm_ray.data.task import stable_fraction
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,13 @@ def pooled_split(split: RetrievalSplit, size: int | None, depth: int, seed: int 
                           [split.corpus_ids[i] for i in order], [split.corpus[i] for i in order], split.relevant)
 
 
-def dev_sets(cfg, tasks: list[str] | None = None) -> list[RetrievalSplit]:
-    """The dev split of every task of ``cfg.data.tasks``, capped and pooled as ``cfg.search`` says."""
+def dev_sets(cfg, loaded: dict[str, RetrievalTask] | None = None) -> list[RetrievalSplit]:
+    """The dev split of every task of ``cfg.data.tasks``, capped and pooled as ``cfg.search`` says
+    (``loaded``: tasks the caller has already loaded, by spec)."""
     s = cfg.search
     out = []
-    for spec in tasks or cfg.data.tasks:
-        task = load_task(spec, strict=cfg.data.strict)
+    for spec in cfg.data.tasks:
+        task = (loaded or {}).get(spec) or load_task(spec, strict=cfg.data.strict)
         sp = task.split(cfg.data.dev_split, max_queries=s.dev_max_queries, seed=s.seed)
         if not len(sp):
             raise ValueError(f"task {spec}: no dev queries with a relevant document in split {cfg.data.dev_split!r}")
@@ -78,11 +79,6 @@ class DevScore:
     recall_at_10: float
     per_task: dict[str, dict[str, float]]
 
-    @property
-    def key(self) -> tuple[float, float]:
-        """Sort key: NDCG@10, then Recall@10."""
-        return (round(self.ndcg_at_10, 10), round(self.recall_at_10, 10))
-
     def as_dict(self) -> dict[str, Any]:
         return {PRIMARY: self.ndcg_at_10, TIEBREAK: self.recall_at_10, "per_task": self.per_task}
 
@@ -97,6 +93,26 @@ def score_embedder(emb, sets: list[RetrievalSplit], *, corpus_embs: list[np.ndar
         per_task[sp.task] = {PRIMARY: res.scores[PRIMARY], TIEBREAK: res.scores[TIEBREAK]}
     return DevScore(float(np.mean([v[PRIMARY] for v in per_task.values()])),
                     float(np.mean([v[TIEBREAK] for v in per_task.values()])), per_task)
+
+
+def score_folders(paths: dict[str, str], sets: list[RetrievalSplit], model_kwargs: dict[str, Any], *, cpus: int,
+                  gpus: float = 0.0) -> dict[str, DevScore]:
+    """Dev scores of saved models ({name: folder}), one Ray task each. They are scheduled outside any placement
+    group of the caller (a Tune trial that only drives Ray Train holds almost no CPU)."""
+    import ray
+
+    @ray.remote(num_cpus=cpus, num_gpus=gpus)
+    def score(path: str, dev) -> DevScore:
+        import torch
+
+        from stm_ray.modeling import Embedder
+
+        torch.set_num_threads(cpus)
+        return score_embedder(Embedder.from_pretrained(path, **model_kwargs), dev)
+
+    ref = ray.put(sets)
+    refs = {n: score.options(scheduling_strategy="DEFAULT").remote(p, ref) for n, p in paths.items()}
+    return {n: ray.get(r) for n, r in refs.items()}
 
 
 def objective(ndcg: float, recall: float) -> float:

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stm_ray.data import DataError
+from stm_ray.data import RetrievalTask, load_task
 from stm_ray.search.common import best_row, fingerprint, plot_trials, run_tuner, trial_rows
-from stm_ray.search.dev import dev_sets, objective, score_embedder
+from stm_ray.search.dev import dev_sets, objective, score_embedder, score_folders
 from stm_ray.utils import atomic_write_json, init_local_ray
 
 log = logging.getLogger("stm_ray.search")
@@ -38,18 +38,17 @@ class InstructionSearchResult:
     saved_to: str | None = None
 
 
-def candidate_instructions(cfg) -> list[str]:
+def load_tasks(cfg) -> dict[str, RetrievalTask]:
+    """Every task of ``data.tasks``, by spec (loaded once for the candidates and the dev sets)."""
+    return {spec: load_task(spec, strict=cfg.data.strict) for spec in cfg.data.tasks}
+
+
+def candidate_instructions(cfg, tasks: dict[str, RetrievalTask] | None = None) -> list[str]:
     """No instruction, built-ins, the configured candidates and the synthesized pools, deduplicated in order."""
-    from stm_ray.data import load_task
     from stm_ray.synth.prompts import DEFAULT_INSTRUCTIONS, GENERIC_INSTRUCTION, task_instruction
 
-    out = [""]
-    for spec in cfg.data.tasks:
-        try:
-            name = load_task(spec).name
-        except (DataError, OSError):
-            name = spec
-        out.append(task_instruction(spec, name, None))
+    tasks = tasks or load_tasks(cfg)
+    out = [""] + [task_instruction(spec, t.name, None) for spec, t in tasks.items()]
     out += [*DEFAULT_INSTRUCTIONS.values(), GENERIC_INSTRUCTION, *cfg.search.instructions]
     if cfg.search.use_synth_pool:
         for f in sorted((Path(cfg.run_dir) / "synth" / "instructions").glob("*.json")):
@@ -82,13 +81,11 @@ def instruction_trial(config: dict[str, Any], spec: dict[str, Any], dev, corpus_
     import torch
     from ray import tune
 
-    from stm_ray.modeling import instruction_prefix
-
     torch.set_num_threads(spec["threads"])
     t0, started = time.perf_counter(), time.time()
     instruction = spec["candidates"][config["candidate"]]
     emb = _cached_embedder(spec["model_kwargs"])
-    emb.query_instruction = instruction_prefix(instruction)
+    emb.query_instruction = instruction
     s = score_embedder(emb, dev, corpus_embs=corpus_embs)
     tune.report({"objective": objective(s.ndcg_at_10, s.recall_at_10), "ndcg_at_10": s.ndcg_at_10,
                  "recall_at_10": s.recall_at_10, "started": started, "seconds": time.perf_counter() - t0,
@@ -110,20 +107,6 @@ def _cached_embedder(model_kwargs: dict[str, Any]):
     return _MODEL_CACHE[key]
 
 
-def save_instruction(model_dir: Path, prefix: str) -> None:
-    """Make ``prefix`` the saved query prompt of a model folder (sentence-transformers config and stm_ray.json)."""
-    from stm_ray.modeling.embedder import META_FILE
-    from stm_ray.utils import atomic_write_text
-
-    for name, update in (("config_sentence_transformers.json", lambda c: c.setdefault("prompts", {}).__setitem__("query", prefix)),
-                         (META_FILE, lambda c: c.__setitem__("query_instruction", prefix))):
-        f = model_dir / name
-        if f.is_file():
-            obj = json.loads(f.read_text())
-            update(obj)
-            atomic_write_text(f, json.dumps(obj, indent=2) + "\n")
-
-
 def default_model(cfg) -> str:
     merged = Path(cfg.run_dir) / "merged"
     return str(merged) if (merged / "merge.json").is_file() else cfg.model.name_or_path
@@ -135,14 +118,15 @@ def search_instructions(cfg, *, model: str | None = None, save: bool = True,
     import ray
     from ray import tune
 
-    from stm_ray.modeling import instruction_prefix
+    from stm_ray.modeling.embedder import instruction_prefix, save_query_prompt
 
     s = cfg.search
     run_dir = Path(cfg.run_dir).resolve()
     model = model or default_model(cfg)
-    candidates = candidate_instructions(cfg)
+    tasks = load_tasks(cfg)
+    candidates = candidate_instructions(cfg, tasks)
     init_local_ray()
-    dev = dev_sets(cfg)
+    dev = dev_sets(cfg, tasks)
     model_kwargs = {"name_or_path": model, "max_length": cfg.model.max_length, "batch_size": cfg.model.batch_size,
                     "device": "cpu" if s.gpus_per_trial == 0 else "auto", "dtype": cfg.model.dtype,
                     "pooling": cfg.model.pooling}
@@ -165,7 +149,7 @@ def search_instructions(cfg, *, model: str | None = None, save: bool = True,
     saved_to = None
     model_dir = Path(model).resolve()
     if save and model_dir.is_dir() and run_dir in model_dir.parents:
-        save_instruction(model_dir, prefix)
+        save_query_prompt(model_dir, prefix)
         saved_to = str(model_dir)
     result = InstructionSearchResult(
         model=model, instruction=best["instruction"], prefix=prefix,
@@ -195,7 +179,6 @@ def instruction_table(result: InstructionSearchResult, top: int = 10) -> str:
 # ---------------------------------------------------------------------------------------------- training mode
 def pool_trial(config: dict[str, Any], spec: dict[str, Any], dev) -> None:
     """A Tune trial that trains one expert (Ray Train) with an instruction pool of size N, then scores it."""
-    import ray
     from ray import tune
 
     from stm_ray.config import PipelineConfig
@@ -212,18 +195,7 @@ def pool_trial(config: dict[str, Any], spec: dict[str, Any], dev) -> None:
         "model": cfg.model.model_copy(update={"query_instruction": None})})
     table = read_shards(spec["shards"], strict=cfg.data.strict)
     res = train_expert(cfg, "all", table, pool=pool)
-
-    @ray.remote(num_cpus=spec["threads"])
-    def score(path: str, dev_sets):
-        import torch
-
-        from stm_ray.modeling import Embedder
-
-        torch.set_num_threads(spec["threads"])
-        return score_embedder(Embedder.from_pretrained(path, device="cpu"), dev_sets)
-
-    # outside the trial's tiny placement group, like the Ray Train workers
-    s = ray.get(score.options(scheduling_strategy="DEFAULT").remote(res.path, dev))
+    s = score_folders({"expert": res.path}, dev, {"device": "cpu"}, cpus=spec["threads"])["expert"]
     tune.report({"objective": objective(s.ndcg_at_10, s.recall_at_10), "ndcg_at_10": s.ndcg_at_10,
                  "recall_at_10": s.recall_at_10, "started": started, "seconds": time.perf_counter() - t0,
                  "pool_size": n, "expert": res.path, **{f"ndcg/{t}": v["ndcg_at_10"] for t, v in s.per_task.items()}})
@@ -235,12 +207,11 @@ def search_pool_size(cfg, *, shards: str | None = None, show_progress: bool = Tr
 
     s = cfg.search
     run_dir = Path(cfg.run_dir).resolve()
-    candidates = [c for c in candidate_instructions(cfg) if c]
+    tasks = load_tasks(cfg)
+    candidates = [c for c in candidate_instructions(cfg, tasks) if c]
     sizes = sorted({min(n, len(candidates)) for n in s.pool_sizes})
-    if not candidates:
-        raise DataError("no candidate instructions for the pool (add search.instructions or run synthesize)")
     init_local_ray()
-    dev = dev_sets(cfg)
+    dev = dev_sets(cfg, tasks)
     source = shards or cfg.train.shards or str(run_dir / "synth")
     spec = {"cfg": cfg.model_dump(), "candidates": candidates, "root": str(run_dir / "search" / "pools"),
             "shards": source, "threads": s.cpus_per_trial}

@@ -27,7 +27,7 @@ from typing import Any
 from stm_ray.data import DataError
 from stm_ray.merge.mergekit_run import USES_DENSITY, merge_models, prepare_base
 from stm_ray.search.common import best_row, fingerprint, plot_trials, run_tuner, trial_rows
-from stm_ray.search.dev import DevScore, dev_sets, objective, score_embedder
+from stm_ray.search.dev import dev_sets, objective, score_embedder, score_folders
 from stm_ray.utils import atomic_write_json, init_local_ray
 
 log = logging.getLogger("stm_ray.search")
@@ -67,14 +67,13 @@ def find_experts(cfg) -> dict[str, str]:
     return found
 
 
-def _grid_points(components: list[str], methods: list[str], weights: list[float], densities: list[float],
-                 has_base: bool) -> list[dict[str, Any]]:
+def _grid_points(components: list[str], methods: list[str], weights: list[float],
+                 densities: list[float]) -> list[dict[str, Any]]:
+    """Every grid point; all-zero weights included (it merges to the base model, a reference point)."""
     points = []
     for method in methods:
         comps = [c for c in components if c != "base" or method == "linear"]
         for ws in itertools.product(weights, repeat=len(comps)):
-            if not any(w > 0 for w in ws) and (method == "linear" and not has_base):
-                continue
             for d in (densities if method in USES_DENSITY else [None]):
                 points.append({"method": method, "density": d, **{f"w_{c}": w for c, w in zip(comps, ws)}})
     return points
@@ -113,24 +112,6 @@ def merge_trial(config: dict[str, Any], spec: dict[str, Any], dev) -> None:
                  **{f"ndcg/{t}": v["ndcg_at_10"] for t, v in s.per_task.items()}})
 
 
-def _score_folders(paths: dict[str, str], dev, model_kwargs: dict[str, Any], cpus: int, gpus: float) -> dict[str, DevScore]:
-    """Dev scores of whole models (base, each expert), as Ray tasks."""
-    import ray
-
-    @ray.remote(num_cpus=cpus, num_gpus=gpus)
-    def score(path: str, dev_sets) -> DevScore:
-        import torch
-
-        from stm_ray.modeling import Embedder
-
-        torch.set_num_threads(cpus)
-        return score_embedder(Embedder.from_pretrained(path, **model_kwargs), dev_sets)
-
-    dev_ref = ray.put(dev)
-    refs = {n: score.remote(p, dev_ref) for n, p in paths.items()}
-    return {n: ray.get(r) for n, r in refs.items()}
-
-
 def query_instruction_for(cfg) -> str | None:
     """The query instruction the merged model gets: ``model.query_instruction``, else the instruction search's
     winner (``<run_dir>/search/instructions.json``), else None (the experts' own)."""
@@ -160,9 +141,6 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
             log.info("merge search already done (%s); skipped", out / "merge.json")
             return MergeSearchResult(**prev["result"], trials=prev["trials"], skipped=True)
     init_local_ray()
-    for method in m.methods:
-        if method not in ("linear", "ties", "dare_ties", "task_arithmetic"):
-            raise DataError(f"merge.methods: unknown method {method!r}")
     log.info("merge search over %d expert(s) %s: methods %s, searcher %s", len(experts), list(experts), m.methods,
              m.searcher)
     base = str(prepare_base(cfg.model, run_dir / "search" / "base"))
@@ -171,7 +149,7 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
                     if s.gpus_per_trial == 0 else "auto", "dtype": cfg.model.dtype}
     if instr is not None:
         model_kwargs["query_instruction"] = instr
-    refs = _score_folders({"base": base, **experts}, dev, model_kwargs, s.cpus_per_trial, s.gpus_per_trial)
+    refs = score_folders({"base": base, **experts}, dev, model_kwargs, cpus=s.cpus_per_trial, gpus=s.gpus_per_trial)
     base_dev, experts_dev = refs.pop("base"), refs
     for n, sc in [("base", base_dev), *experts_dev.items()]:
         log.info("dev NDCG@10 %-24s %.4f", n, sc.ndcg_at_10)
@@ -184,7 +162,7 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
     from ray import tune
 
     if m.searcher == "grid":
-        points = _grid_points(components, list(m.methods), m.weight_grid, m.density_grid, True)
+        points = _grid_points(components, list(m.methods), m.weight_grid, m.density_grid)
         space, samples, seed_points = {"point": tune.grid_search(points)}, 1, None
         log.info("grid: %d trials", len(points))
     else:

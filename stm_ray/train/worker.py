@@ -118,7 +118,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from stm_ray.config import ModelConfig, TrainConfig
-    from stm_ray.modeling.embedder import Embedder, instruction_prefix
+    from stm_ray.modeling.embedder import Embedder
     from stm_ray.utils import setup_logging
 
     setup_logging()
@@ -138,7 +138,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # fp32 weights; bf16 comes from autocast (DDP) or DeepSpeed's bf16 on GPU
     emb = Embedder.from_config(mcfg.model_copy(update={"dtype": "float32", "device": str(device)}))
     if config.get("saved_query_instruction") is not None:
-        emb.query_instruction = instruction_prefix(config["saved_query_instruction"])
+        emb.query_instruction = config["saved_query_instruction"]
     torch.manual_seed(tcfg.seed)
     if tcfg.lora is not None:
         emb.add_lora(r=tcfg.lora.r, alpha=tcfg.lora.alpha, dropout=tcfg.lora.dropout,
