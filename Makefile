@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stm-ray-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all lint bench clean
+.PHONY: venv demo test test-all lint bench bench-infinity clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,12 +35,21 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check stm_ray tests benchmarks jobs
 
-bench: $(STAMP)
+bench: $(STAMP) bench-infinity
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/eval_reference.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_scifact.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_synthesis.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_merge_search.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_serve.py
+
+# Infinity (the bench_serve baseline) in its own venv: it needs transformers<4.49, ours >=5.16
+bench-infinity: .venv-infinity/.installed
+.venv-infinity/.installed: benchmarks/servers/requirements-infinity.txt
+	@test -x .venv-infinity/bin/python || $(PYTHON) -m venv .venv-infinity
+	.venv-infinity/bin/python -m pip install --quiet --upgrade pip
+	.venv-infinity/bin/python -m pip install --quiet -r benchmarks/servers/requirements-infinity.txt
+	@touch .venv-infinity/.installed
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-infinity runs .pytest_cache

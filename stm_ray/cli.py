@@ -133,6 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no Tune progress tables (logs only)")
     _add_overrides(p)
 
+    p = sub.add_parser("serve", help="serve a retriever with Ray Serve: OpenAI-compatible /v1/embeddings and /search",
+                       description="Deploy a retriever on Ray Serve (a local Ray on 127.0.0.1 unless --address) and keep "
+                                   "it running until Ctrl-C. RUN_DIR_OR_MODEL is a run directory (its merged/ model is "
+                                   "served), a model folder or an alias. Endpoints: POST /v1/embeddings (OpenAI "
+                                   "format; input_type query|document picks the query instruction or the document "
+                                   "prefix; encoding_format float|base64), POST /search (needs --corpus), GET /health, "
+                                   "GET /v1/models. --corpus TASK indexes that task's corpus once (a Ray task) into "
+                                   "<run_dir>/index/<task>/ and reuses it while the model is unchanged. Binds "
+                                   "serve.host (127.0.0.1 by default); serve.token_env=VAR makes every request need "
+                                   "'Authorization: Bearer $VAR'. Batching, replicas (serve.min_replicas/max_replicas "
+                                   "autoscale), CPUs/GPUs per replica and input bounds come from the serve section. "
+                                   "--write-config FILE writes a Serve config for `serve run FILE` / `serve deploy "
+                                   "FILE` (or a RayService) instead of starting.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("target", metavar="RUN_DIR_OR_MODEL", help="run directory (serves merged/), model folder or alias")
+    p.add_argument("--config", help="pipeline config YAML (default: <RUN_DIR>/config.yaml when present, else defaults)")
+    p.add_argument("--corpus", default=None, metavar="TASK", help="task spec whose corpus /search covers, e.g. icd10")
+    p.add_argument("--host", default=None, help="bind address (default serve.host = 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port = 8000)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--write-config", default=None, metavar="FILE", help="write a Serve config YAML and exit")
+    p.add_argument("--no-block", action="store_true", help="return once the application is up (it keeps running "
+                                                          "while this Ray does; for scripts)")
+    _add_overrides(p)
+
     p = sub.add_parser("config", help="show or write the resolved configuration")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cs = csub.add_parser("show", help="print the resolved config (defaults + file + overrides) as YAML")
@@ -305,7 +330,61 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo, "train": cmd_train,
+def cmd_serve(args) -> int:
+    from stm_ray.config import load_config
+    from stm_ray.serve.deploy import (
+        app_args,
+        example_curl,
+        index_folder,
+        resolve_target,
+        serve_config_yaml,
+        start,
+    )
+    from stm_ray.utils import atomic_write_text
+
+    config = args.config
+    if config is None and (Path(args.target) / "config.yaml").is_file():
+        config = str(Path(args.target) / "config.yaml")
+    overrides = list(args.overrides)
+    if args.host:
+        overrides.append(f"serve.host={args.host}")
+    if args.port:
+        overrides.append(f"serve.port={args.port}")
+    cfg = load_config(config, overrides)
+    if args.write_config:
+        model, run_dir = resolve_target(args.target)
+        folder = index_folder(cfg, args.corpus, run_dir) if args.corpus else None
+        atomic_write_text(args.write_config, serve_config_yaml(cfg, app_args(cfg, model, folder, args.log_level)))
+        note = f" (build the index first: stm-ray serve {args.target} --corpus {args.corpus})" if folder and not (
+            folder / "meta.json").is_file() else ""
+        print(f"Serve config written to {args.write_config}{note}\n  serve run {args.write_config}")
+        return 0
+    info = start(cfg, args.target, args.corpus, log_level=args.log_level, address=args.address)
+    url = info["url"]
+    if info["index"]:
+        print(f"\nindexed {info['index'].get('num_documents')} documents of {args.corpus} "
+              f"({'reused' if info['index'].get('reused') else 'built'}): {info['args']['index_dir']}")
+    print(f"\nstm-ray retriever {info['args']['model_name']!r} is up at {url}   (docs: {url}/docs)")
+    if cfg.serve.token_env:
+        print(f"requests need 'Authorization: Bearer ${cfg.serve.token_env}'")
+    print("\n" + example_curl(cfg, with_search=bool(args.corpus)) + "\n")
+    print(f"OpenAI client: OpenAI(base_url='{url}/v1', api_key=...).embeddings.create(model="
+          f"'{info['args']['model_name']}', input=[...])")
+    if args.no_block:
+        return 0
+    from ray import serve
+
+    print("Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nshutting down", flush=True)
+        serve.shutdown()
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo, "train": cmd_train,
             "synthesize": cmd_synthesize, "tune-prompts": cmd_tune_prompts, "merge": cmd_merge}
 
 

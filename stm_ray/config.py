@@ -241,17 +241,42 @@ class EvalConfig(_Frozen):
 
 
 class ServeConfig(_Frozen):
-    """Ray Serve deployment of a retriever."""
+    """Ray Serve deployment of a retriever: HTTP bind, security bounds, batching, replicas and the /search index."""
 
-    host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise (0.0.0.0 exposes it).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    token_env: str | None = Field(None, description="Environment variable holding an optional bearer token.")
-    max_inputs: int = Field(256, ge=1, description="Max texts per request.")
+    app_name: str = Field("stm-ray", description="Serve application name.")
+    route_prefix: str = Field("/", description="Route prefix of the application.")
+    model_name: str | None = Field(None, description="Model id in /v1/models and replies (default: the folder name).")
+    token_env: str | None = Field(
+        None, description="Name of an environment variable holding a bearer token; requests then need "
+                          "'Authorization: Bearer <token>' (401 otherwise). The token itself is never in a config.")
+    max_inputs: int = Field(256, ge=1, description="Max texts per request (413 above).")
     max_chars: int = Field(8192, ge=1, description="Max characters per text.")
+    on_too_long: Literal["truncate", "error"] = Field(
+        "truncate", description="A text over max_chars: cut it (truncate) or refuse the request with 413 (error).")
+    max_top_k: int = Field(100, ge=1, description="Max top_k of /search.")
     min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
-    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
-    max_batch_size: int = Field(32, ge=1, description="@serve.batch max batch size.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, description="@serve.batch wait.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound (= min_replicas: a fixed count).")
+    target_ongoing_requests: float = Field(32.0, gt=0, description="Autoscaling target of in-flight requests per replica.")
+    max_ongoing_requests: int = Field(256, ge=1, description="In-flight requests a replica accepts (Serve's default 5 "
+                                                             "would cap a batch at 5).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0: CPU).")
+    torch_threads: int | None = Field(None, ge=1, description="Torch threads per replica (default: the machine's cores "
+                                                              "when num_gpus=0, at least num_cpus).")
+    max_batch_size: int = Field(32, ge=1, description="@serve.batch max texts per forward pass.")
+    batch_wait_timeout_s: float = Field(0.002, ge=0.0, description="@serve.batch wait for a batch to fill.")
+    access_log: bool = Field(False, description="Log every request (Serve access log); off: it costs CPU per request.")
+    search_backend: Literal["exact", "faiss"] = Field("exact", description="/search: exact cosine (numpy) or faiss.")
+    faiss_factory: str = Field("Flat", description="faiss index_factory string (inner product), e.g. Flat, HNSW32.")
+    index_dir: str | None = Field(None, description="Where corpus indexes live (default: <run_dir>/index).")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("serve.max_replicas must be >= serve.min_replicas")
+        return self
 
 
 class PipelineConfig(_Frozen):
