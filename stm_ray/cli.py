@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port = 8000)")
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
     p.add_argument("--write-config", default=None, metavar="FILE", help="write a Serve config YAML and exit")
-    p.add_argument("--no-block", action="store_true", help="return once the application is up (it keeps running "
-                                                          "while this Ray does; for scripts)")
+    p.add_argument("--no-block", action="store_true", help="return once the application is up; with --address it "
+                                                          "keeps running on that cluster (a local Ray started here "
+                                                          "stops with this command)")
     _add_overrides(p)
 
     p = sub.add_parser("config", help="show or write the resolved configuration")
