@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import DOCS, QUERIES
+from tests.conftest import DOCS, QUERIES, write_beir
 
 pytestmark = pytest.mark.integration
 
@@ -329,6 +329,11 @@ def test_corpus_index_reuse_and_faiss(tmp_path, tiny_bert_dir, served_model, tin
     assert build_index(served_model, f"beir:{tiny_beir}", folder, show_progress=False)["reused"] is True
     other = build_index(tiny_bert_dir, f"beir:{tiny_beir}", folder, show_progress=False)  # another model: rebuilt
     assert other["reused"] is False and other["model"] == tiny_bert_dir
+    smaller = write_beir(tmp_path / "b" / tiny_beir.name, docs=dict(list(DOCS.items())[:3]))  # same slug, other corpus
+    meta = build_index(tiny_bert_dir, f"beir:{smaller}", folder, show_progress=False)
+    assert meta["reused"] is False and meta["num_documents"] == 3
+    other = build_index(tiny_bert_dir, f"beir:{tiny_beir}", folder, show_progress=False)
+    assert other["reused"] is False and other["num_documents"] == len(DOCS)
     exact = CorpusIndex.load(folder)
     fai = CorpusIndex.load(folder, backend="faiss", faiss_factory="Flat")
     q = np.random.default_rng(0).normal(size=(3, exact.dim)).astype(np.float32)

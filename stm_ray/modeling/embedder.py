@@ -290,6 +290,11 @@ class Embedder(nn.Module):
             emb = nn.functional.normalize(emb, p=2, dim=-1)
         return emb
 
+    def token_ids(self, texts: Sequence[str], prompt: str = "", **kw):
+        """Unpadded, truncated token ids of ``prompt + text`` (the tokenizer's BatchEncoding)."""
+        return self.tokenizer([prompt + t for t in texts] if prompt else list(texts), truncation=True,
+                              max_length=self.max_length, padding=False, **kw)
+
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], *, prompt: str = "", batch_size: int | None = None,
                show_progress: bool = False, desc: str = "encode") -> np.ndarray:
@@ -300,8 +305,7 @@ class Embedder(nn.Module):
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         bs = batch_size or self.batch_size
-        enc = self.tokenizer([prompt + t for t in texts], truncation=True, max_length=self.max_length,
-                             padding=False, return_attention_mask=True)
+        enc = self.token_ids(texts, prompt, return_attention_mask=True)
         order = np.argsort([-len(x) for x in enc["input_ids"]], kind="stable")
         was_training = self.training
         self.eval()

@@ -64,14 +64,11 @@ class SearchRequest(BaseModel):
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _dumps(obj: Any) -> bytes:
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     import orjson
 
-    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(content=_dumps(obj), status_code=status, media_type="application/json", headers=headers)
+    return Response(content=orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json", headers=headers)
 
 
 def _error(status: int, message: str, *, param: str | None = None, code: str | None = None,
@@ -153,6 +150,16 @@ def _normal_priority() -> None:
                  os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else "?")
 
 
+def resolve_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The app's arguments with every missing value filled from the defaults (ServeConfig's for ``serve.*``), so
+    a hand-edited Serve config may leave fields out."""
+    from stm_ray.config import ServeConfig
+
+    defaults = {**ServeConfig().model_dump(), "dtype": "float32", "device": "auto", "max_length": None,
+                "index_dir": None, "model_name": None, "log_level": "INFO", "token_sha256": None}
+    return {**defaults, **args}
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -189,41 +196,39 @@ class Retriever:
         from stm_ray.modeling import Embedder
         from stm_ray.utils import setup_logging
 
-        setup_logging(args.get("log_level", "INFO"))
+        args = resolve_args(args)
+        setup_logging(args["log_level"])
         _normal_priority()
-        self.args = args
-        threads = args.get("torch_threads") or max(int(args.get("num_cpus") or 1), os.cpu_count() or 1)
-        if not args.get("num_gpus"):
-            torch.set_num_threads(int(threads))
+        if not args["num_gpus"]:
+            torch.set_num_threads(int(args["torch_threads"] or os.cpu_count() or 1))
         t0 = time.perf_counter()
-        self.emb = Embedder.from_pretrained(args["model"], dtype=args.get("dtype", "float32"),
-                                            device=args.get("device", "auto"), max_length=args.get("max_length"))
+        self.emb = Embedder.from_pretrained(args["model"], dtype=args["dtype"], device=args["device"],
+                                            max_length=args["max_length"])
         self.emb.eval()
-        self.tok = self.emb.tokenizer
-        self.pad_id = int(self.tok.pad_token_id if self.tok.pad_token_id is not None else 0)
-        self.model_id = args.get("model_name") or os.path.basename(str(args["model"]).rstrip("/")) or "model"
+        self.pad_id = int(self.emb.tokenizer.pad_token_id or 0)
+        self.model_id = args["model_name"] or os.path.basename(str(args["model"]).rstrip("/")) or "model"
         self.prompts = {"query": self.emb.query_instruction, "document": self.emb.document_instruction}
-        self.max_inputs = int(args.get("max_inputs", 256))
-        self.max_chars = int(args.get("max_chars", 8192))
-        self.truncate = args.get("on_too_long", "truncate") == "truncate"
-        self.max_top_k = int(args.get("max_top_k", 100))
+        self.max_inputs = int(args["max_inputs"])
+        self.max_chars = int(args["max_chars"])
+        self.truncate = args["on_too_long"] == "truncate"
+        self.max_top_k = int(args["max_top_k"])
         # a body can't be larger than this and still be valid (JSON escapes at most ~6 bytes per char)
         self.max_body = self.max_inputs * self.max_chars * 6 + 65536
-        self.token_sha = args.get("token_sha256")
+        self.token_sha = args["token_sha256"]
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._idle = asyncio.Event()
         self._idle.set()
-        self._batched.set_max_batch_size(int(args.get("max_batch_size", 32)))
-        self._batched.set_batch_wait_timeout_s(float(args.get("batch_wait_timeout_s", 0.002)))
+        self._batched.set_max_batch_size(int(args["max_batch_size"]))
+        self._batched.set_batch_wait_timeout_s(float(args["batch_wait_timeout_s"]))
         self.stats = {"batches": 0, "texts": 0, "forward_s": 0.0}
         self.index = None
-        if args.get("index_dir"):
+        if args["index_dir"]:
             from stm_ray.serve.index import CorpusIndex
 
-            self.index = CorpusIndex.load(args["index_dir"], backend=args.get("search_backend", "exact"),
-                                          faiss_factory=args.get("faiss_factory", "Flat"))
-        self.traced = traced_forward(self.emb, self.pad_id) if args.get("compile", "trace") == "trace" else None
-        self._forward_ids([self.tok("warm up")["input_ids"]])
+            self.index = CorpusIndex.load(args["index_dir"], backend=args["search_backend"],
+                                          faiss_factory=args["faiss_factory"])
+        self.traced = traced_forward(self.emb, self.pad_id)
+        self._forward_ids(self.emb.token_ids(["warm up"])["input_ids"])
         log.info("replica ready in %.1f s: model %s (dim %d, %s forward, %d torch threads), index %s",
                  time.perf_counter() - t0, self.model_id, self.emb.dim,
                  "traced" if self.traced is not None else "eager", torch.get_num_threads(),
@@ -264,10 +269,8 @@ class Retriever:
 
     async def embed(self, texts: list[str], input_type: str) -> tuple[np.ndarray, int]:
         """Vectors [n, dim] and the number of tokens, through the dynamic batcher."""
-        prompt = self.prompts[input_type]
-        enc = self.tok([prompt + t for t in texts] if prompt else texts, truncation=True,
-                       max_length=self.emb.max_length, padding=False, return_attention_mask=False,
-                       return_token_type_ids=False)["input_ids"]
+        enc = self.emb.token_ids(texts, self.prompts[input_type], return_attention_mask=False,
+                                 return_token_type_ids=False)["input_ids"]
         # Tokenised while the model is busy; submitted when it is free, so @serve.batch forms one batch of
         # everything that queued up meanwhile instead of many small ones that wait their turn.
         while not self._idle.is_set():
@@ -281,8 +284,7 @@ class Retriever:
             return None
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(hashlib.sha256(token.strip().encode()).hexdigest(),
-                                                                 self.token_sha):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_hash(token.strip()), self.token_sha):
             return _error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         return None
@@ -388,29 +390,24 @@ class Retriever:
                                                   "owned_by": "stm-ray", "dimension": self.emb.dim,
                                                   "query_instruction": self.prompts["query"]}]})
 
-    def check_health(self) -> None:
-        """Serve's replica health check: the forward thread must be alive."""
-        if self.pool._shutdown:  # noqa: SLF001
-            raise RuntimeError("forward thread pool is shut down")
-
 
 # ---------------------------------------------------------------------------------------------- building
 
 
 def deployment_options(args: dict[str, Any]) -> dict[str, Any]:
     """Replicas (fixed or autoscaling), in-flight limit and resources, from the app args."""
+    args = resolve_args(args)
     opts: dict[str, Any] = {
-        "max_ongoing_requests": int(args.get("max_ongoing_requests", 256)),
-        "ray_actor_options": {"num_cpus": float(args.get("num_cpus", 1.0)), "num_gpus": float(args.get("num_gpus", 0.0))},
-        "logging_config": {"enable_access_log": bool(args.get("access_log", False)),
-                           "log_level": args.get("log_level", "INFO")},
+        "max_ongoing_requests": int(args["max_ongoing_requests"]),
+        "ray_actor_options": {"num_cpus": float(args["num_cpus"]), "num_gpus": float(args["num_gpus"])},
+        "logging_config": {"enable_access_log": bool(args["access_log"]), "log_level": args["log_level"]},
     }
-    lo, hi = int(args.get("min_replicas", 1)), int(args.get("max_replicas", 1))
+    lo, hi = int(args["min_replicas"]), int(args["max_replicas"])
     if lo == hi:
         opts["num_replicas"] = lo
     else:
         opts["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
-                                      "target_ongoing_requests": float(args.get("target_ongoing_requests", 32.0))}
+                                      "target_ongoing_requests": float(args["target_ongoing_requests"])}
     return opts
 
 
@@ -419,7 +416,7 @@ def build_app(args: dict[str, Any]):
 
     ``args`` are plain values (see :func:`stm_ray.serve.deploy.app_args`). A ``token_env`` is resolved here, on
     the cluster, into its sha256: the token never travels in a config."""
-    args = dict(args)
-    if args.get("token_env") and not args.get("token_sha256"):
+    args = resolve_args(args)
+    if args["token_env"] and not args["token_sha256"]:
         args["token_sha256"] = resolve_token_hash(args["token_env"])
     return Retriever.options(**deployment_options(args)).bind(args)

@@ -54,16 +54,11 @@ def app_args(cfg, model: str, index_dir: str | Path | None = None, log_level: st
     """The application's arguments: plain values only (they go into the Serve config file)."""
     s = cfg.serve
     return {
+        # HTTP bind, app name/route and the index root belong to the Serve config, not to the replicas
+        **s.model_dump(exclude={"host", "port", "app_name", "route_prefix", "index_dir"}),
         "model": str(model), "model_name": s.model_name or name or _default_name(model), "dtype": cfg.model.dtype,
         "device": cfg.model.device, "max_length": None,
-        "index_dir": str(Path(index_dir).resolve()) if index_dir else None,
-        "search_backend": s.search_backend, "faiss_factory": s.faiss_factory,
-        "token_env": s.token_env, "max_inputs": s.max_inputs, "max_chars": s.max_chars,
-        "on_too_long": s.on_too_long, "max_top_k": s.max_top_k, "max_batch_size": s.max_batch_size,
-        "batch_wait_timeout_s": s.batch_wait_timeout_s, "torch_threads": s.torch_threads,
-        "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-        "target_ongoing_requests": s.target_ongoing_requests, "max_ongoing_requests": s.max_ongoing_requests,
-        "num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "log_level": log_level, "access_log": s.access_log,
+        "index_dir": str(Path(index_dir).resolve()) if index_dir else None, "log_level": log_level,
     }
 
 
@@ -100,11 +95,16 @@ def serve_config_yaml(cfg, args: dict[str, Any]) -> str:
 
 
 def ensure_index(cfg, model: str, corpus: str, folder: Path, show_progress: bool = True) -> dict:
-    """Build the corpus index in a Ray task (where the replica resources are), unless it is already there."""
+    """The corpus index of ``model`` in ``folder``: reused when it is current (checked here, no model load), else
+    built in a Ray task (where the replica resources are)."""
     import ray
 
-    from stm_ray.serve.index import build_index
+    from stm_ray.serve.index import build_index, current_meta
 
+    meta = current_meta(folder, model, corpus, dtype=cfg.model.dtype)
+    if meta is not None:
+        log.info("corpus index %s is up to date (%d documents)", folder, meta.get("num_documents", 0))
+        return {**meta, "reused": True}
     task = ray.remote(build_index).options(num_cpus=max(cfg.serve.num_cpus, 1), num_gpus=cfg.serve.num_gpus,
                                            scheduling_strategy="DEFAULT")
     return ray.get(task.remote(model, corpus, str(folder), dtype=cfg.model.dtype, device=cfg.model.device,

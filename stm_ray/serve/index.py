@@ -2,8 +2,9 @@
 
 The folder (``<run_dir>/index/<task>/`` by default) holds ``embeddings.npy`` (float32, L2-normalised),
 ``docs.parquet`` (id, text) and ``meta.json`` (model fingerprint, task, size). It is written atomically; a folder
-built by another model (fingerprint differs) is rebuilt, one built by this model is reused, so replicas start in
-seconds and a restarted replica never re-encodes the corpus.
+built from another task spec or by another model (fingerprint differs) is rebuilt, one built by this model from
+this task is reused (checked without loading the model), so replicas start in seconds and a restarted replica
+never re-encodes the corpus.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ log = logging.getLogger(__name__)
 META = "meta.json"
 
 
-def model_fingerprint(model: str, max_length: int | None = None, document_instruction: str | None = None) -> str:
-    """Identifies the document vectors a model gives: its folder's files (name, size, mtime) or hub id, plus the
-    settings that change document embeddings."""
+def model_fingerprint(model: str, max_length: int | None = None, dtype: str = "float32") -> str:
+    """Identifies the document vectors a model gives, without loading it: its folder's files (name, size, mtime;
+    they hold the pooling, max length and prefixes too) or hub id, plus the load settings that change them."""
     from stm_ray.modeling.aliases import resolve_model
 
     path = Path(resolve_model(model))
@@ -35,7 +36,7 @@ def model_fingerprint(model: str, max_length: int | None = None, document_instru
             h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns};".encode())
     else:
         h.update(str(path).encode())
-    h.update(f"|{max_length}|{document_instruction or ''}".encode())
+    h.update(f"|{max_length}|{dtype}".encode())
     return h.hexdigest()[:16]
 
 
@@ -127,9 +128,20 @@ def read_meta(folder: str | Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+def current_meta(folder: str | Path, model: str, task_spec: str, *, max_length: int | None = None,
+                 dtype: str = "float32") -> dict | None:
+    """The meta of the index in ``folder`` if ``model`` (with these settings) built it from ``task_spec``, else
+    None."""
+    meta = read_meta(folder)
+    if meta and meta.get("task") == task_spec and meta.get("model_fingerprint") == model_fingerprint(
+            model, max_length, dtype):
+        return meta
+    return None
+
+
 def build_index(model: str, task_spec: str, folder: str | Path, *, max_length: int | None = None,
                 dtype: str = "float32", device: str = "auto", batch_size: int = 64, strict: bool = False,
-                show_progress: bool = True, force: bool = False) -> dict:
+                show_progress: bool = True) -> dict:
     """Encode a task's corpus with ``model`` into ``folder`` unless an index of this model is already there.
 
     Returns the index's meta (``reused`` tells whether it was already built)."""
@@ -137,22 +149,21 @@ def build_index(model: str, task_spec: str, folder: str | Path, *, max_length: i
     from stm_ray.modeling import Embedder
 
     folder = Path(folder)
-    emb = Embedder.from_pretrained(model, max_length=max_length, dtype=dtype, device=device, batch_size=batch_size)
-    fp = model_fingerprint(model, emb.max_length, emb.document_instruction)
-    meta = read_meta(folder)
-    if meta and meta.get("model_fingerprint") == fp and not force:
+    meta = current_meta(folder, model, task_spec, max_length=max_length, dtype=dtype)
+    if meta is not None:
         log.info("corpus index %s is up to date (%d documents)", folder, meta.get("num_documents", 0))
         return {**meta, "reused": True}
-    if meta:
-        log.info("corpus index %s was built by another model or settings: rebuilding", folder)
+    if read_meta(folder):
+        log.info("corpus index %s was built from another corpus, model or settings: rebuilding", folder)
+    emb = Embedder.from_pretrained(model, max_length=max_length, dtype=dtype, device=device, batch_size=batch_size)
     task = load_task(task_spec, strict=strict)
     ids = [str(x) for x in task.corpus.column("_id").to_pylist()]
     texts = task.doc_texts()
     t0 = time.perf_counter()
     log.info("indexing %d documents of %s with %s", len(ids), task_spec, model)
     vectors = emb.encode_corpus(texts, show_progress=show_progress, desc="index")
-    meta = {"model": model, "model_fingerprint": fp, "task": task_spec, "dim": int(vectors.shape[1]),
-            "normalized": True, "encode_seconds": round(time.perf_counter() - t0, 2),
+    meta = {"model": model, "model_fingerprint": model_fingerprint(model, max_length, dtype), "task": task_spec,
+            "dim": int(vectors.shape[1]), "normalized": True, "encode_seconds": round(time.perf_counter() - t0, 2),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     CorpusIndex(ids, texts, vectors, meta=meta).save(folder)
     log.info("corpus index written to %s (%d documents, %.0f s)", folder, len(ids), meta["encode_seconds"])
