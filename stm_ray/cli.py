@@ -47,6 +47,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queries", type=int, default=None, help="cap test queries (quicker, less exact)")
     _add_overrides(p)
 
+    p = sub.add_parser("run", help="the whole loop: synthesize, train, instructions, merge, evaluate (, serve)",
+                       description="Run the Synthesize-Train-Merge loop over one run directory: synthesize (Ray Data + "
+                                   "vLLM) -> train one LoRA expert per source (Ray Train) -> instruction search and "
+                                   "merge search (Ray Tune + mergekit) -> evaluate base, every expert and the merged "
+                                   "model on the test split -> optionally serve (--serve). <run_dir>/manifest.json "
+                                   "records the config, package versions and per stage its status, timings and "
+                                   "counts. Every stage resumes from what is on disk, and a stage the manifest marks "
+                                   "done under the same config is skipped: rerunning a finished run does nothing. "
+                                   "On a Ray cluster submit jobs/pipeline.py instead (same arguments).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
+    p.add_argument("--stages", default=None, help="comma-separated subset, e.g. train,merge (default: all but serve)")
+    p.add_argument("--skip", default=None, help="comma-separated stages to leave out, e.g. instructions")
+    p.add_argument("--force", action="store_true", help="rerun stages the manifest marks done (each still resumes)")
+    p.add_argument("--serve", action="store_true", help="deploy the merged model on Ray Serve at the end and block")
+    p.add_argument("--corpus", default=None, metavar="TASK", help="with --serve: index this task's corpus for /search")
+    p.add_argument("--no-block", action="store_true", help="with --serve: return once the application is up (on a "
+                                                          "cluster it keeps running)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    _add_overrides(p)
+
     p = sub.add_parser("evaluate", help="NDCG@10, Recall@10/100, MRR@10 of a model on a task split",
                        description="Embed a task split with a model, run exact cosine search and print the metrics "
                                    "(computed as trec_eval/mteb compute them). --output writes mteb-format JSON.",
@@ -214,6 +235,7 @@ def cmd_evaluate(args) -> int:
     from stm_ray.eval import evaluate_tasks, results_table
 
     cfg = load_config(args.config, args.overrides)
+    _require_local_run_dir(cfg, args.command)
     results = evaluate_tasks(cfg, model=args.model, tasks=args.task, split=args.split, output=args.output,
                              max_queries=args.max_queries, use_mteb=args.mteb or None, strict=args.strict or None)
     print(f"\nmodel: {args.model or cfg.model.name_or_path}")
@@ -228,6 +250,7 @@ def cmd_synthesize(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
+    _require_local_run_dir(cfg, args.command)
     result = synthesize(cfg, show_progress=not args.no_progress)
     print("\n" + summary_table(result))
     return 0
@@ -239,6 +262,7 @@ def cmd_train(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
+    _require_local_run_dir(cfg, args.command)
     t0 = time.perf_counter()
     results = train_experts(cfg, shards=args.shards, only=args.expert, show_progress=not args.no_progress)
     summary = json.loads((Path(cfg.run_dir) / "experts" / "summary.json").read_text())
@@ -255,6 +279,7 @@ def cmd_tune_prompts(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
+    _require_local_run_dir(cfg, args.command)
     if args.train:
         out = search_pool_size(cfg, shards=args.shards, show_progress=not args.no_progress)
         rows = [{"pool size": r["pool_size"], "dev NDCG@10": r["ndcg_at_10"], "Recall@10": r["recall_at_10"]}
@@ -277,6 +302,7 @@ def cmd_merge(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
+    _require_local_run_dir(cfg, args.command)
     res = search_merge(cfg, show_progress=not args.no_progress)
     print("\nmean dev NDCG@10 (Recall@10 breaks ties):")
     print(merge_table(res))
@@ -284,6 +310,40 @@ def cmd_merge(args) -> int:
     print(f"\nmerged - best single expert ({name}): {res.dev['ndcg_at_10'] - single:+.4f}; "
           f"{len(res.trials)} trials{' (already done)' if res.skipped else ''}")
     print(f"merged model: {res.path}   (SentenceTransformer('{res.path}') loads it)")
+    return 0
+
+
+def _require_local_run_dir(cfg, command: str) -> None:
+    from stm_ray.config import ConfigError
+    from stm_ray.storage import is_remote
+
+    if is_remote(cfg.run_dir):
+        raise ConfigError(f"run_dir {cfg.run_dir} is a URI: `stm-ray run` (jobs/pipeline.py) stages and mirrors it; "
+                          f"`stm-ray {command}` works on a folder (e.g. the staging folder, or a mounted bucket)")
+
+
+def _stage_list(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def cmd_run(args) -> int:
+    from stm_ray.config import load_config
+    from stm_ray.pipeline import pipeline_table, run_pipeline
+
+    _split_config_arg(args)
+    cfg = load_config(args.config, args.overrides)
+    manifest = run_pipeline(cfg, stages=_stage_list(args.stages), skip=_stage_list(args.skip), serve=args.serve,
+                            corpus=args.corpus, force=args.force, show_progress=not args.no_progress)
+    print("\n" + pipeline_table(manifest))
+    print(f"\nmanifest: {Path(cfg.run_dir) / 'manifest.json'}")
+    if args.serve and not args.no_block:
+        serve_info = manifest["stages"]["serve"].get("counts") or {}
+        print(f"serving at {serve_info.get('url')} - Ctrl-C stops")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
     return 0
 
 
@@ -295,6 +355,7 @@ def cmd_demo(args) -> int:
     from stm_ray.utils import atomic_write_json, atomic_write_text
 
     cfg = load_config(args.config, args.overrides)
+    _require_local_run_dir(cfg, args.command)
     run_dir = Path(args.run_dir or (cfg.run_dir if args.config else "runs/demo"))
     log = logging.getLogger("stm_ray.demo")
     t0 = time.perf_counter()
@@ -352,6 +413,7 @@ def cmd_serve(args) -> int:
     if args.port:
         overrides.append(f"serve.port={args.port}")
     cfg = load_config(config, overrides)
+    _require_local_run_dir(cfg, args.command)
     if args.write_config:
         model, run_dir = resolve_target(args.target)
         folder = index_folder(cfg, args.corpus, run_dir) if args.corpus else None
@@ -386,7 +448,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo, "train": cmd_train,
-            "synthesize": cmd_synthesize, "tune-prompts": cmd_tune_prompts, "merge": cmd_merge}
+            "synthesize": cmd_synthesize, "tune-prompts": cmd_tune_prompts, "merge": cmd_merge, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

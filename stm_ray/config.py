@@ -282,7 +282,11 @@ class ServeConfig(_Frozen):
 class PipelineConfig(_Frozen):
     """The whole Synthesize-Train-Merge run: one section per stage plus the run directory."""
 
-    run_dir: str = Field("runs/default", description="Where every stage writes (local path, s3:// or gs://).")
+    run_dir: str = Field("runs/default", description="Where every stage writes: a folder, or s3:// / gs:// (the "
+                                                     "pipeline stages it in staging_dir and mirrors it there).")
+    staging_dir: str | None = Field(None, description="With an s3:// or gs:// run_dir: the folder the stages work in "
+                                                      "(a filesystem every node mounts on a multi-node cluster); "
+                                                      "None = $STM_RAY_STAGING or ~/.cache/stm-ray/staging.")
     data: DataConfig = Field(default_factory=DataConfig, description="Tasks and splits.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base retriever.")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthesis.")
@@ -291,6 +295,13 @@ class PipelineConfig(_Frozen):
     merge: MergeConfig = Field(default_factory=MergeConfig, description="Merge.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
+
+    @field_validator("run_dir")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(("s3://", "gs://", "gcs://", "file://")):
+            raise ValueError("a run_dir URI must be s3://, gs:// or file://")
+        return v
 
     @model_validator(mode="after")
     def _splits_differ(self) -> PipelineConfig:

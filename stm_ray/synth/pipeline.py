@@ -41,6 +41,7 @@ from stm_ray.config import ConfigError, PipelineConfig
 from stm_ray.data import DataError, load_task
 from stm_ray.data.shards import NEGATIVE_SOURCES, shard_files, shard_stats, write_shard
 from stm_ray.data.task import RetrievalTask, stable_fraction
+from stm_ray.synth.autoscale import ActorPoolSampler
 from stm_ray.synth.checks import DROP_REASONS, check_negative
 from stm_ray.synth.mine import MineBatch
 from stm_ray.synth.prompts import clean_instruction, task_instruction
@@ -76,6 +77,7 @@ class SynthResult:
     gen_seconds: float = 0.0
     seconds: float = 0.0
     instruction_files: dict[str, str] = field(default_factory=dict)
+    actor_pools: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -87,7 +89,8 @@ class SynthResult:
                 "drops_by_reason": self.drops_by_reason, "synthetic_generated": self.synthetic_generated,
                 "false_negatives_dropped": self.false_negatives_dropped, "gen_tokens": self.gen_tokens,
                 "gen_seconds": round(self.gen_seconds, 2), "tokens_per_s": round(self.tokens_per_s, 1),
-                "seconds": round(self.seconds, 2), "instruction_files": self.instruction_files}
+                "seconds": round(self.seconds, 2), "instruction_files": self.instruction_files,
+                "actor_pools": self.actor_pools}
 
 
 def _fingerprint(cfg: PipelineConfig) -> str:
@@ -364,18 +367,30 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
         total = len(pending_rows) * max(s.synthetic_per_query, 1) + len(instr_rows)
         bar = tqdm(total=total, desc="synthesize", unit="row", disable=not show_progress, dynamic_ncols=True)
         tg = time.perf_counter()
+        done_rows, next_log = 0, 0.1
         for stream in streams:
-            for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for row in batch.to_pylist():
-                    if row.get("kind") == "instruction":
-                        instr_texts[row["task"]].append((int(row["gen"]), row.get("generated") or ""))
-                    else:
-                        writer.add(row)
-                    bar.update(1)
-                if writer.gen_tokens:
-                    bar.set_postfix(tok_s=f"{writer.gen_tokens / (time.perf_counter() - tg):.0f}",
-                                    shards=len(writer.written))
+            with ActorPoolSampler(stream) as sampler:
+                for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    for row in batch.to_pylist():
+                        if row.get("kind") == "instruction":
+                            instr_texts[row["task"]].append((int(row["gen"]), row.get("generated") or ""))
+                        else:
+                            writer.add(row)
+                        bar.update(1)
+                    done_rows += batch.num_rows
+                    if writer.gen_tokens:
+                        bar.set_postfix(tok_s=f"{writer.gen_tokens / (time.perf_counter() - tg):.0f}",
+                                        shards=len(writer.written))
+                    if not show_progress and done_rows >= next_log * total:
+                        log.info("synthesize: %d/%d rows (%.0f%%), %d shard(s) written, %d engine actor(s)",
+                                 done_rows, total, 100 * done_rows / total, len(writer.written),
+                                 max((p[-1][1] for p in sampler.timelines.values()), default=0))
+                        next_log = min(1.0, done_rows / total + 0.1)
+            result.actor_pools.update(sampler.summary())
         bar.close()
+        for op, pool in result.actor_pools.items():
+            log.info("actor pool %s: %d actor(s) at peak, %d at the end (timeline: %s)", op, pool["peak_alive"],
+                     pool["last_alive"], " ".join(f"{t:.0f}s:{a}" for t, a, _ in pool["timeline"][:20]))
         result.gen_seconds = time.perf_counter() - tg
         result.gen_tokens = writer.gen_tokens
         result.shards_written = len(writer.written)

@@ -1,0 +1,194 @@
+"""`ray job submit` of the whole loop to a real Ray head (`ray start --head` on 127.0.0.1), as on a cluster.
+
+The head is this test's own: its own temp dir and ports, 4 logical CPUs (room for two vLLM engine actors, so the
+synthesis pool can scale from 1 to 2), the dashboard (the job server) on 127.0.0.1 only. It is stopped by killing
+exactly the processes of that session, never with `ray stop` (which would also stop the test session's Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DOCS, write_beir
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str, env: dict, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "ray"), *args], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ray {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _session_pids(temp_dir: str) -> list[int]:
+    """Every process of the Ray session under ``temp_dir``: its daemons (their command lines name the dir) and
+    their descendants (workers, the job supervisor and driver)."""
+    import psutil
+
+    roots = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                roots.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    pids = set()
+    for p in roots:
+        pids.add(p.pid)
+        try:
+            pids.update(c.pid for c in p.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(pids)
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head on 127.0.0.1 started with `ray start --head`; yields (dashboard address, env)."""
+    temp_dir = tempfile.mkdtemp(prefix="stmray-")  # short: Ray's socket paths must fit in 107 bytes
+    gcs, dash, client = _free_port(), _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_worker_niceness": "0",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
+           # token authentication, as on a shared cluster: the job server refuses requests without the token
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--ray-client-server-port={client}",
+         "--num-cpus=4", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats", env=env, timeout=180)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        yield address, env, temp_dir
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _session_pids(temp_dir):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2)
+        left = _session_pids(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"processes of the test's Ray head survived: {left}"
+
+
+@pytest.fixture(scope="module")
+def two_tasks(tmp_path_factory) -> list[Path]:
+    """Two small BEIR tasks (two data sources: two experts). The first has five phrasings per document."""
+    root = tmp_path_factory.mktemp("jobs_tasks")
+    queries, rel = {}, {}
+    for i, (title, _) in enumerate(DOCS.values(), start=1):
+        for k, form in enumerate(["what is {}", "{} symptoms", "causes of {}", "{} treatment"]):
+            queries[f"q{i}_{k}"] = form.format(title.lower())
+            rel[f"q{i}_{k}"] = {f"d{i}": 1}
+    a = write_beir(root / "alpha", queries=queries, qrels={"train": rel, "dev": rel, "test": rel})
+    rel_b = {f"q{i}": {f"d{i}": 1} for i in range(1, 9)}
+    b = write_beir(root / "beta", qrels={"train": rel_b, "dev": rel_b, "test": rel_b})
+    return [a, b]
+
+
+def test_ray_job_submit_runs_the_pipeline(ray_head, two_tasks, tiny_bert_dir, tmp_path):
+    address, env, _ = ray_head
+    run = tmp_path / "run"
+    config = REPO / "jobs" / "configs" / "local.yaml"
+    overrides = [f"run_dir={run}", f"data.tasks=[beir:{two_tasks[0]},beir:{two_tasks[1]}]", "data.max_queries=null",
+                 f"model.name_or_path={tiny_bert_dir}", "model.batch_size=16",
+                 # mined negatives only: vLLM generation inside a job is the slow tier's test below (and
+                 # tests/test_synth_ray.py's); here the job mechanics and every stage's artifacts
+                 "synth.max_rows=null", "synth.synthetic_per_query=0", "synth.instruction_pool_size=0",
+                 "synth.miners=[bm25]", "synth.mine_depth=5", "synth.shard_size=16", "synth.expert_by=task",
+                 "train.batch_size=4", "train.max_steps=3", "train.evaluate_dev=false", "train.checkpoint_every=100",
+                 "search.dev_corpus_size=8", "search.dev_pool_depth=2", "search.cpus_per_trial=1",
+                 "merge.searcher=grid", "merge.methods=[linear]", "merge.weight_grid=[1.0]"]
+    sub_id = f"stm-test-{os.getpid()}-{int(time.time())}"
+    submitted = _ray("job", "submit", "--address", address, "--submission-id", sub_id, "--no-wait",
+                     "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--",
+                     "python", "jobs/pipeline.py", str(config.relative_to(REPO)), *overrides, env=env)
+    assert sub_id in submitted.stdout + submitted.stderr
+
+    deadline, status = time.monotonic() + 900, ""
+    while time.monotonic() < deadline:
+        proc = _ray("job", "status", "--address", address, sub_id, env=env)
+        status = (proc.stdout + proc.stderr).upper()  # "Job 'x' succeeded"
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(5)
+    logs = _ray("job", "logs", "--address", address, sub_id, env=env).stdout
+    assert "SUCCEEDED" in status, f"job did not succeed:\n{status}\n--- logs (tail) ---\n{logs[-6000:]}"
+
+    # progress in `ray job logs`: every stage started and finished, synthesis reported its rows
+    for i, stage in enumerate(["synthesize", "train", "instructions", "merge", "evaluate"], start=1):
+        assert f"[{i}/5] {stage}: started" in logs and f"[{i}/5] {stage}: done" in logs, stage
+    assert "synthesize: " in logs and "rows (100%)" in logs
+    assert "stm_ray from " in logs
+
+    # artifacts
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {n: s["status"] for n, s in manifest["stages"].items()} == {
+        "synthesize": "done", "train": "done", "instructions": "done", "merge": "done", "evaluate": "done",
+        "serve": "pending"}
+    assert manifest["versions"]["ray"] and manifest["config"]["run_dir"] == str(run)
+    assert list((run / "synth").rglob("part-*.parquet"))
+    assert sorted(manifest["stages"]["train"]["counts"]["experts"]) == sorted(
+        p.name for p in (run / "experts").iterdir() if (p / "metrics.json").is_file())
+    assert len(manifest["stages"]["train"]["counts"]["experts"]) == 2
+    assert (run / "merged" / "merge.json").is_file() and (run / "search" / "instructions.json").is_file()
+    table = manifest["stages"]["evaluate"]["counts"]["ndcg_at_10"]
+    assert set(table) == {"base", "merged", *(f"expert-{n}" for n in manifest["stages"]["train"]["counts"]["experts"])}
+    for label in table:
+        assert len(list((run / "eval" / label).glob("*.json"))) == 2
+
+    assert "actor_pools" in manifest["stages"]["synthesize"]["counts"]  # scale-up: test_synthesis_pool_scales_up
+
+    # resubmitting the finished run does nothing: every stage is skipped
+    sub2 = sub_id + "-again"
+    _ray("job", "submit", "--address", address, "--submission-id", sub2, "--working-dir", ".", "--runtime-env",
+         "jobs/runtime_env.yaml", "--", "python", "jobs/pipeline.py", str(config.relative_to(REPO)), *overrides,
+         env=env, timeout=300)
+    logs2 = _ray("job", "logs", "--address", address, sub2, env=env).stdout
+    assert logs2.count("done in an earlier run") == 5, logs2[-3000:]
+
+
+@pytest.mark.slow
+def test_synthesis_pool_scales_up(ray_head, two_tasks, tiny_bert_dir, tiny_llama_dir, tmp_path):
+    """A synthesis job with enough generation for a second vLLM engine to be worth starting: Ray Data's pool grows
+    from its minimum (1) to its maximum (2) and never past it."""
+    address, env, _ = ray_head
+    run = tmp_path / "run"
+    overrides = [f"run_dir={run}", f"data.tasks=[beir:{two_tasks[0]},beir:{two_tasks[1]}]", "data.max_queries=null",
+                 f"model.name_or_path={tiny_bert_dir}", f"synth.generator={tiny_llama_dir}", "synth.max_rows=null",
+                 "synth.synthetic_per_query=6", "synth.max_new_tokens=128", "synth.max_model_len=512",
+                 "synth.mine_depth=5", "synth.min_words=1", "synth.batch_size=2", "synth.max_concurrent_batches=1",
+                 "synth.max_num_seqs=2", "synth.concurrency=[1,2]", "synth.instruction_pool_size=0",
+                 "synth.expert_by=task"]
+    sub_id = f"stm-test-scale-{os.getpid()}-{int(time.time())}"
+    _ray("job", "submit", "--address", address, "--submission-id", sub_id, "--working-dir", ".", "--runtime-env",
+         "jobs/runtime_env.yaml", "--", "python", "jobs/pipeline.py", "jobs/configs/local.yaml", *overrides,
+         "--stages", "synthesize", env=env, timeout=1200)
+    manifest = json.loads((run / "manifest.json").read_text())
+    pools = manifest["stages"]["synthesize"]["counts"]["actor_pools"]
+    engine = next(p for name, p in pools.items() if "vLLM" in name)
+    alive = [a for _, a, _ in engine["timeline"]]
+    assert alive[0] == 1 and max(alive) == 2 and all(1 <= a <= 2 for a in alive), engine["timeline"]
