@@ -12,12 +12,10 @@ then `serve deploy serve.yaml`) or a KubeRay RayService.
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 from stm_ray.config import load_config
-from stm_ray.serve import start
+from stm_ray.pipeline import serve_run
 from stm_ray.utils import setup_logging
 
 
@@ -29,9 +27,8 @@ def main(argv: list[str]) -> int:
         corpus = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
     cfg = load_config(argv[0] if argv else None, argv[1:])
-    target = cfg.run_dir if (Path(cfg.run_dir) / "merged").is_dir() else cfg.model.name_or_path
-    info = start(cfg, target, corpus, show_progress=False, address=os.environ.get("RAY_ADDRESS") or None)
-    print(f"serving {info['args']['model_name']} at {info['url']} (/v1/embeddings{', /search' if corpus else ''})")
+    info = serve_run(cfg, corpus, show_progress=False)
+    print(f"serving {info['model']} at {info['url']} (/v1/embeddings{', /search' if corpus else ''})")
     return 0
 
 

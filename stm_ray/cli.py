@@ -335,7 +335,7 @@ def cmd_run(args) -> int:
     manifest = run_pipeline(cfg, stages=_stage_list(args.stages), skip=_stage_list(args.skip), serve=args.serve,
                             corpus=args.corpus, force=args.force, show_progress=not args.no_progress)
     print("\n" + pipeline_table(manifest))
-    print(f"\nmanifest: {Path(cfg.run_dir) / 'manifest.json'}")
+    print(f"\nmanifest: {manifest['run_dir'].rstrip('/')}/manifest.json")
     if args.serve and not args.no_block:
         serve_info = manifest["stages"]["serve"].get("counts") or {}
         print(f"serving at {serve_info.get('url')} - Ctrl-C stops")

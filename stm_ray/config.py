@@ -299,7 +299,9 @@ class PipelineConfig(_Frozen):
     @field_validator("run_dir")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        if "://" in v and not v.startswith(("s3://", "gs://", "gcs://", "file://")):
+        from stm_ray.storage import is_remote
+
+        if "://" in v and not is_remote(v):
             raise ValueError("a run_dir URI must be s3://, gs:// or file://")
         return v
 

@@ -148,12 +148,12 @@ def _evaluate(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
 
     table: dict[str, dict[str, float]] = {}
     for label, model in models_to_evaluate(cfg).items():
-        out = Path(cfg.run_dir) / "eval" / label
-        paths = {t: result_path(out, t, 2) for t in cfg.data.tasks}
+        out = Path(cfg.run_dir) / "eval" / label  # a folder: <task>.json per task
+        paths = {t: result_path(out, t) for t in cfg.data.tasks}
         todo = [t for t, p in paths.items() if not p.is_file()]
         if todo:
             log.info("evaluate %s (%s) on %s/%s", label, model, ",".join(todo), cfg.data.test_split)
-            evaluate_tasks(cfg, model=model, tasks=todo, output=out if len(todo) > 1 else paths[todo[0]])
+            evaluate_tasks(cfg, model=model, tasks=todo, output=out)
         table[label] = {}
         for t, p in paths.items():
             res = json.loads(p.read_text(encoding="utf-8"))
@@ -219,7 +219,7 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
         manifest.update(name, status="running", started=_now(), fingerprint=manifest.fingerprint, error=None)
         try:
             if name == "serve":
-                counts = _serve(cfg, corpus, show_progress)
+                counts = serve_run(cfg, corpus, show_progress)
             else:
                 counts = RUNNERS[name](cfg, show_progress)
         except BaseException as e:
@@ -236,7 +236,9 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
     return manifest.data
 
 
-def _serve(cfg: PipelineConfig, corpus: str | None, show_progress: bool) -> dict[str, Any]:
+def serve_run(cfg: PipelineConfig, corpus: str | None, show_progress: bool = True) -> dict[str, Any]:
+    """Deploy the run's merged model (the base model while the run has none) on the Ray cluster of
+    ``$RAY_ADDRESS`` (a local one otherwise); the application outlives this call."""
     import os
 
     from stm_ray.serve import start

@@ -20,6 +20,7 @@ def _cfg(run_dir: str, tiny_beir: Path, model: str, *extra: str):
 
 
 def test_evaluate_stage_manifest_and_rerun(tmp_path, tiny_beir, tiny_bert_dir):
+    from stm_ray.eval.evaluate import result_path
     from stm_ray.pipeline import pipeline_table, run_pipeline
 
     cfg = _cfg(str(tmp_path / "run"), tiny_beir, tiny_bert_dir)
@@ -28,8 +29,7 @@ def test_evaluate_stage_manifest_and_rerun(tmp_path, tiny_beir, tiny_bert_dir):
     assert st["evaluate"]["status"] == "done" and st["evaluate"]["seconds"] >= 0
     assert [st[n]["status"] for n in ("synthesize", "train", "instructions", "merge")] == ["skipped"] * 4
     ndcg = st["evaluate"]["counts"]["ndcg_at_10"]["base"]
-    result = json.loads((tmp_path / "run" / "eval" / "base" / f"beir_{str(tiny_beir).replace('/', '_')}.json")
-                        .read_text())
+    result = json.loads(result_path(tmp_path / "run" / "eval" / "base", f"beir:{tiny_beir}").read_text())
     assert ndcg[f"beir:{tiny_beir}"] == result["scores"]["test"][0]["ndcg_at_10"]
     on_disk = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert on_disk["stages"]["evaluate"]["status"] == "done" and on_disk["versions"]["torch"]

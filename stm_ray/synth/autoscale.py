@@ -66,6 +66,5 @@ class ActorPoolSampler:
         for name, line in self.timelines.items():
             step = max(1, len(line) // self.max_points)
             alive = [p[1] for p in line]
-            out[name] = {"peak_alive": max(alive), "min_alive": min(a for a in alive if a) if any(alive) else 0,
-                         "last_alive": alive[-1], "timeline": [list(p) for p in line[::step]]}
+            out[name] = {"peak_alive": max(alive), "last_alive": alive[-1], "timeline": [list(p) for p in line[::step]]}
         return out
