@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from stm_ray import __version__
@@ -36,16 +34,31 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", help="run the main job on the embedded default (offline, CPU)",
-                       description="The offline demo on the embedded default: the icd10 clinical-coding task with "
-                                   "all-MiniLM-L6-v2 as the base retriever. Evaluates on the test split and prints "
-                                   "NDCG@10 per clinical area and overall. Later stages (synthesis, experts, merge) join "
-                                   "this command as they land.",
+    p = sub.add_parser("demo", help="the whole loop on the embedded default, offline on a CPU (~15 min on 2 cores)",
+                       description="The offline demo: the whole Synthesize-Train-Merge loop (stm-ray run) on the "
+                                   "embedded default, with the built-in config stm_ray/configs/demo.yaml. Two clinical "
+                                   "areas of ICD-10-CM (chapters 1-6 and 9-12) are two tasks; Synthesize mines BM25 and "
+                                   "dense negatives and has SmolLM2-135M-Instruct (vLLM) write some more; one LoRA expert "
+                                   "of all-MiniLM-L6-v2 is trained per area (Ray Train, side by side); Ray Tune searches "
+                                   "the query instruction and the mergekit merge; base, each expert and the merged model "
+                                   "are evaluated on the test split. Prints NDCG@10 per area and mean, and writes "
+                                   "<run_dir>/report.md with plots. Resumable: a rerun continues where it stopped, and a "
+                                   "finished run only prints its table.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    p.add_argument("--config", help="pipeline config YAML (default: the built-in defaults)")
+    p.add_argument("--config", help="pipeline config YAML (default: the built-in demo config)")
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/demo)")
-    p.add_argument("--max-queries", type=int, default=None, help="cap test queries (quicker, less exact)")
+    p.add_argument("--force", action="store_true", help="rerun stages the manifest marks done")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     _add_overrides(p)
+
+    p = sub.add_parser("report", help="(re)write <run_dir>/report.md with plots from a run's files",
+                       description="Write <run_dir>/report.md and its PNG plots (<run_dir>/report/): NDCG@10 per task "
+                                   "for base / experts / merged, the merge-search trials (each expert's coefficient vs "
+                                   "dev score), synthesis and training throughput, and the stage table. Reads only the "
+                                   "run's files (manifest.json, eval/, merged/merge.json, experts/, synth/), so it works "
+                                   "on a finished or a partial run; stm-ray run and stm-ray demo write it at the end.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a run directory of stm-ray run / stm-ray demo")
 
     p = sub.add_parser("run", help="the whole loop: synthesize, train, instructions, merge, evaluate (, serve)",
                        description="Run the Synthesize-Train-Merge loop over one run directory: synthesize (Ray Data + "
@@ -335,7 +348,8 @@ def cmd_run(args) -> int:
     manifest = run_pipeline(cfg, stages=_stage_list(args.stages), skip=_stage_list(args.skip), serve=args.serve,
                             corpus=args.corpus, force=args.force, show_progress=not args.no_progress)
     print("\n" + pipeline_table(manifest))
-    print(f"\nmanifest: {manifest['run_dir'].rstrip('/')}/manifest.json")
+    print(f"\nmanifest: {manifest['run_dir'].rstrip('/')}/manifest.json   report: "
+          f"{manifest['run_dir'].rstrip('/')}/report.md")
     if args.serve and not args.no_block:
         serve_info = manifest["stages"]["serve"].get("counts") or {}
         print(f"serving at {serve_info.get('url')} - Ctrl-C stops")
@@ -347,48 +361,48 @@ def cmd_run(args) -> int:
     return 0
 
 
+def demo_config_path() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("stm_ray") / "configs" / "demo.yaml"))
+
+
+def print_summary(run_dir: str | Path, report: Path | None) -> None:
+    """The headline table (NDCG@10 per task and mean, one column per model) and where the report is."""
+    from stm_ray.eval import format_table
+    from stm_ray.report import ndcg_table, summary_rows
+
+    tasks, table, split = ndcg_table(Path(run_dir))
+    if table and tasks:
+        header, rows = summary_rows(tasks, table)
+        print(f"\nNDCG@10 on the {split} split:")
+        print(format_table([dict(zip(header, r)) for r in rows], header))
+    if report is not None:
+        print(f"\nreport: {report}   (plots in {report.parent / 'report'})")
+
+
 def cmd_demo(args) -> int:
     from stm_ray.config import load_config
-    from stm_ray.data import load_task
-    from stm_ray.eval import evaluate, format_table
-    from stm_ray.modeling import Embedder
-    from stm_ray.utils import atomic_write_json, atomic_write_text
+    from stm_ray.pipeline import pipeline_table, run_pipeline
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    cfg = load_config(args.config or str(demo_config_path()), overrides)
     _require_local_run_dir(cfg, args.command)
-    run_dir = Path(args.run_dir or (cfg.run_dir if args.config else "runs/demo"))
-    log = logging.getLogger("stm_ray.demo")
     t0 = time.perf_counter()
-    task_spec = cfg.data.tasks[0]
-    log.info("loading task %s", task_spec)
-    task = load_task(task_spec, strict=cfg.data.strict)
-    log.info("loading base model %s", cfg.model.name_or_path)
-    emb = Embedder.from_config(cfg.model)
-    res = evaluate(emb, task, cfg.data.test_split, eval_cfg=cfg.eval,
-                   max_queries=args.max_queries or cfg.data.max_queries, show_progress=True)
-    res.task = task_spec
-    # per clinical area, when the task has one
-    rows = []
-    if "area" in task.queries.column_names:
-        area_of = dict(zip(task.queries.column("_id").to_pylist(), task.queries.column("area").to_pylist()))
-        groups: dict[str, list[float]] = defaultdict(list)
-        for qid, m in res.per_query.items():
-            groups[area_of.get(qid, "?")].append(m["ndcg_at_10"])
-        for area, vals in sorted(groups.items(), key=lambda x: -len(x[1])):
-            rows.append({"area": area[:48], "queries": len(vals), "base NDCG@10": sum(vals) / len(vals)})
-    rows.append({"area": "ALL", "queries": res.num_queries, "base NDCG@10": res.ndcg_at_10})
-    table = format_table(rows, ["area", "queries", "base NDCG@10"])
-    atomic_write_json(run_dir / "eval" / "base.json", res.to_mteb_json())
-    cfg.model_copy(update={"run_dir": str(run_dir)}).save(run_dir / "config.yaml")
-    report = (f"# stm-ray demo\n\nTask `{task_spec}` ({cfg.data.test_split} split: {res.num_queries} queries, "
-              f"{res.num_documents} documents), base model `{cfg.model.name_or_path}`.\n\n{table}\n\n"
-              f"Recall@10 {res.scores.get('recall_at_10', 0):.4f}, Recall@100 {res.scores.get('recall_at_100', 0):.4f}, "
-              f"MRR@10 {res.scores.get('mrr_at_10', 0):.4f}. Wall time {time.perf_counter() - t0:.0f} s.\n")
-    atomic_write_text(run_dir / "report.md", report)
-    print("\n" + table)
-    print(f"\nNDCG@10 on {task_spec}/{cfg.data.test_split}: {res.ndcg_at_10:.4f}   "
-          f"(Recall@100 {res.scores.get('recall_at_100', 0):.4f})")
-    print(f"report: {run_dir / 'report.md'}   results (mteb format): {run_dir / 'eval' / 'base.json'}")
+    manifest = run_pipeline(cfg, force=args.force, show_progress=not args.no_progress)
+    print("\n" + pipeline_table(manifest).split("\n\nNDCG@10")[0])
+    print_summary(cfg.run_dir, Path(cfg.run_dir) / "report.md")
+    print(f"manifest: {Path(cfg.run_dir) / 'manifest.json'}; this invocation took {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from stm_ray.report import write_report
+
+    if Path(args.run_dir).is_dir() is False and "://" in args.run_dir:
+        raise SystemExit(f"stm-ray report: {args.run_dir} is a URI; give the local staging folder of the run")
+    path = write_report(args.run_dir)
+    print_summary(args.run_dir, path)
     return 0
 
 
@@ -447,7 +461,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo, "train": cmd_train,
+COMMANDS = {"serve": cmd_serve, "config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo, "report": cmd_report, "train": cmd_train,
             "synthesize": cmd_synthesize, "tune-prompts": cmd_tune_prompts, "merge": cmd_merge, "run": cmd_run}
 
 

@@ -88,6 +88,9 @@ class SynthConfig(_Frozen):
     false_negative_margin: float = Field(0.95, gt=0.0, le=1.0,
                                          description="NV-Retriever TopK-PercPos: drop candidates scoring above this fraction of the positive.")
     synthetic_per_query: int = Field(1, ge=0, description="LLM-written negatives per (query, positive).")
+    synthetic_max_rows: int | None = Field(
+        None, ge=0, description="LLM negatives for at most this many (query, positive) rows per task (a fixed "
+                                "random subset; the other rows keep their mined negatives only); None = every row.")
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling.")
     max_new_tokens: int = Field(96, ge=8, description="Max tokens per generated passage (raise it for long documents).")

@@ -153,7 +153,7 @@ def _evaluate(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
         todo = [t for t, p in paths.items() if not p.is_file()]
         if todo:
             log.info("evaluate %s (%s) on %s/%s", label, model, ",".join(todo), cfg.data.test_split)
-            evaluate_tasks(cfg, model=model, tasks=todo, output=out)
+            evaluate_tasks(cfg, model=model, tasks=todo, output=out, show_progress=show_progress)
         table[label] = {}
         for t, p in paths.items():
             res = json.loads(p.read_text(encoding="utf-8"))
@@ -232,6 +232,13 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
                         counts=counts)
         sync()
         log.info("%s: done in %.0f s", head, time.perf_counter() - t0)
+    try:
+        from stm_ray.report import write_report
+
+        log.info("report: %s", write_report(cfg.run_dir))
+        sync()
+    except Exception as e:  # the run's results are on disk; a plot failure must not fail the run
+        log.warning("report not written (%s: %s); stm-ray report %s retries", type(e).__name__, e, cfg.run_dir)
     log.info("pipeline: %d stage(s) in %.0f s; manifest %s", len(chosen), time.perf_counter() - t_all, manifest.path)
     return manifest.data
 

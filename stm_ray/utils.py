@@ -17,6 +17,8 @@ log = logging.getLogger("stm_ray")
 
 def setup_logging(level: str | int = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Tune's TensorBoard logger renames metrics like ndcg/icd10:1,2 on every trial, at INFO
+    logging.getLogger("tensorboardX").setLevel(logging.WARNING)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -10,7 +10,8 @@ from stm_ray.cli import build_parser, main
 
 def test_help_lists_commands_and_explains_overrides():
     text = build_parser().format_help()
-    for cmd in ("demo", "evaluate", "synthesize", "train", "tune-prompts", "merge", "config", "data"):
+    for cmd in ("demo", "run", "report", "evaluate", "synthesize", "train", "tune-prompts", "merge", "serve", "config",
+                "data"):
         assert cmd in text
     assert "key=value" in text and "beir:DIR" in text and "minilm" in text
 
@@ -25,12 +26,30 @@ def test_errors_are_one_line_with_exit_2(capsys):
     assert "unknown task 'nope:x'" in capsys.readouterr().err
 
 
+def test_demo_config_is_two_clinical_areas_offline():
+    from stm_ray.cli import demo_config_path
+    from stm_ray.config import load_config
+    from stm_ray.data import load_task
+
+    cfg = load_config(str(demo_config_path()))
+    assert cfg.run_dir == "runs/demo" and cfg.model.name_or_path == "minilm" and cfg.synth.generator == "smollm2"
+    assert cfg.synth.expert_by == "task" and len(cfg.data.tasks) == 2
+    chapters = [set(t.removeprefix("icd10:").split(",")) for t in cfg.data.tasks]
+    assert all(t.startswith("icd10:") for t in cfg.data.tasks) and not chapters[0] & chapters[1]
+    for spec in cfg.data.tasks:
+        task = load_task(spec)
+        assert len(task.split("test")) > 100 and len(task.split("dev")) > 100
+    assert "demo.yaml" in build_parser()._subparsers._group_actions[0].choices["demo"].format_help()
+
+
 @pytest.mark.slow
-def test_demo_runs_and_writes_report(tmp_path, capsys):
-    assert main(["demo", "--run-dir", str(tmp_path / "run"), "--max-queries", "50"]) == 0
+def test_demo_runs_the_whole_loop_and_prints_the_table(tmp_path, capsys):
+    assert main(["demo", "--no-progress", "--run-dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert "ALL" in out and "NDCG@10" in out
-    assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "eval" / "base.json").is_file()
+    assert "NDCG@10 on the test split" in out and "| mean" in out and "merged" in out and "report:" in out
+    manifest = __import__("json").loads((tmp_path / "run" / "manifest.json").read_text())
+    assert all(s["status"] == "done" for n, s in manifest["stages"].items() if n != "serve")
+    assert (tmp_path / "run" / "report" / "merge_trials.png").is_file()
 
 
 def test_job_entrypoint_evaluates_every_configured_task(tiny_bert_dir, tiny_beir, tmp_path, capsys):

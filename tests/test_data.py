@@ -21,6 +21,19 @@ def test_beir_folder_into_arrow(tiny_beir):
     assert not t.report.problems
 
 
+def test_beir_without_dev_holds_out_part_of_train(tmp_path):
+    queries = {f"q{i}": f"query number {i}" for i in range(60)}
+    rel = {q: {f"d{1 + i % 8}": 1} for i, q in enumerate(queries)}
+    folder = write_beir(tmp_path / "b", queries=queries, qrels={"train": rel, "test": {"q0": {"d1": 1}}})
+    t = load_task(f"beir:{folder}")
+    train, dev = set(t.qrels_dict("train")), set(t.qrels_dict("dev"))
+    assert dev and train and not train & dev and train | dev == set(queries)
+    assert 1 <= len(dev) <= 15  # ~10% of 60
+    assert dev == set(load_task(f"beir:{folder}").qrels_dict("dev"))  # fixed by query id
+    assert set(t.qrels_dict("test")) == {"q0"}  # test untouched
+    assert "held out" in t.description
+
+
 def _corrupt(folder, name, lines):
     (folder / name).write_bytes(b"".join(lines))
 

@@ -189,6 +189,12 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, two_tasks, tiny_bert_dir, tm
     assert set(table) == {"base", "merged", *(f"expert-{n}" for n in manifest["stages"]["train"]["counts"]["experts"])}
     for label in table:
         assert len(list((run / "eval" / label).glob("*.json"))) == 2
+    # the report: the headline table, the merge winner, throughput, and its three plots (non-empty PNGs)
+    report = (run / "report.md").read_text()
+    assert "| mean |" in report and "expert-" in report and "Winner:" in report and "samples/s" in report
+    for png in ("ndcg_per_task", "merge_trials", "throughput"):
+        assert f"report/{png}.png" in report
+        assert (run / "report" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # resubmitting the finished run does nothing: every stage is skipped
     sub2 = sub_id + "-again"

@@ -85,6 +85,36 @@ def test_bert_linear_merge_is_the_weighted_average(bert_models, tmp_path):
     assert meta["merge"]["method"] == "linear"
 
 
+VLLM_EMBED = """
+import sys, json
+import numpy as np
+from vllm import LLM
+from sentence_transformers import SentenceTransformer
+path, texts = sys.argv[1], ["asthma in children", "femur fracture of the left leg"]
+llm = LLM(model=path, runner="pooling", enforce_eager=True, gpu_memory_utilization=0.05, max_model_len=64)
+v = np.array([o.outputs.embedding for o in llm.embed(texts)])
+s = SentenceTransformer(path, device="cpu").encode(texts)
+print("RESULT", json.dumps({"shape": list(v.shape), "max_diff": float(np.abs(v - s).max())}))
+"""
+
+
+def test_merged_folder_loads_in_vllm_with_the_same_vectors(minilm_dir, tmp_path):
+    """The merged folder is what users deploy: vLLM's pooling runner reads it and embeds as sentence-transformers.
+    (MiniLM: vLLM's CPU attention has no kernel for the tiny test BERT's head size of 16.)"""
+    import os
+
+    base, a, b = _experts(minilm_dir, tmp_path / "experts", scale=0.01)
+    out = merge_models("linear", {a: 0.5, b: 0.5}, tmp_path / "lin", base=base)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", VLLM_EMBED, str(out)], capture_output=True, text=True, timeout=400,
+                       env=env)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, r.stderr[-3000:]
+    res = json.loads(line[7:])
+    assert res["shape"] == [2, Embedder.from_pretrained(str(out)).dim]
+    assert res["max_diff"] < 1e-3
+
+
 def test_weight_zero_drops_an_expert(bert_models, tmp_path):
     base, a, b = bert_models
     out = merge_models("linear", {a: 0.6, b: 0.0}, tmp_path / "one", base=base, query_instruction="Find the disease")

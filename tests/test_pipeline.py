@@ -45,6 +45,26 @@ def test_evaluate_stage_manifest_and_rerun(tmp_path, tiny_beir, tiny_bert_dir):
     assert third["fingerprint"] != again["fingerprint"] and third["stages"]["evaluate"]["status"] == "done"
 
 
+def test_report_is_written_and_regenerated(tmp_path, tiny_beir, tiny_bert_dir, capsys):
+    """The run writes report.md at the end; `stm-ray report` rewrites it from the files alone; stages that have not
+    run are said to be missing rather than failing the report."""
+    from stm_ray.cli import main
+    from stm_ray.pipeline import run_pipeline
+
+    run = tmp_path / "run"
+    m = run_pipeline(_cfg(str(run), tiny_beir, tiny_bert_dir), stages=["evaluate"], show_progress=False)
+    text = (run / "report.md").read_text()
+    ndcg = m["stages"]["evaluate"]["counts"]["ndcg_at_10"]["base"]["mean"]
+    assert f"| mean | {ndcg:.4f} |" in text and "No merge yet." in text
+    assert (run / "report" / "ndcg_per_task.png").stat().st_size > 1000
+    (run / "report.md").unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").read_text() == text  # from the files alone: the same report
+    assert f"{ndcg:.4f}" in capsys.readouterr().out
+    assert main(["report", str(tmp_path)]) == 2
+    assert "manifest.json not found" in capsys.readouterr().err
+
+
 def test_failed_stage_is_recorded(tmp_path, tiny_beir):
     from stm_ray.pipeline import run_pipeline
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from stm_ray.data.task import DataError, DataProblem, DataReport, RetrievalTask
+from stm_ray.data.task import DataError, DataProblem, DataReport, RetrievalTask, stable_fraction
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,19 @@ def read_qrels(path: Path, corpus_ids: set[str], query_ids: set[str], report: Da
     return pa.table({"query-id": qs, "corpus-id": ds, "score": pa.array(ss, pa.int32())})
 
 
+DEV_HOLDOUT = 0.1
+
+
+def holdout_dev(train: pa.Table, fraction: float = DEV_HOLDOUT) -> tuple[pa.Table, pa.Table]:
+    """Split train qrels by query: a fixed ``fraction`` of the queries (by a hash of the id) becomes dev, so the
+    searches of a task without a dev split never score on test, and training never sees a dev query."""
+    import pyarrow.compute as pc
+
+    dev_mask = pa.array([stable_fraction(q, "dev-holdout") < fraction for q in train.column("query-id").to_pylist()],
+                        pa.bool_())
+    return train.filter(pc.invert(dev_mask)), train.filter(dev_mask)
+
+
 def load_beir(folder: str | Path, strict: bool = False, name: str | None = None) -> RetrievalTask:
     """Load a BEIR folder. Every problem names file, line and field; see :class:`DataReport`."""
     folder = Path(folder).expanduser()
@@ -131,6 +144,13 @@ def load_beir(folder: str | Path, strict: bool = False, name: str | None = None)
     cids = set(corpus.column("_id").to_pylist())
     qids = set(queries.column("_id").to_pylist())
     qrels = {f.stem: read_qrels(f, cids, qids, report, strict) for f in files}
-    task = RetrievalTask(name or folder.name, corpus, queries, qrels, description=f"BEIR folder {folder.name}", report=report)
+    description = f"BEIR folder {folder.name}"
+    if "dev" not in qrels and "train" in qrels:
+        qrels["train"], qrels["dev"] = holdout_dev(qrels["train"])
+        log.info("%s: no qrels/dev.tsv; %d of the train queries (%.0f%%, fixed by query id) are held out as the dev "
+                 "split and left out of train", folder, len(set(qrels["dev"].column("query-id").to_pylist())),
+                 100 * DEV_HOLDOUT)
+        description += f" (dev = {DEV_HOLDOUT:.0%} of train held out)"
+    task = RetrievalTask(name or folder.name, corpus, queries, qrels, description=description, report=report)
     report.log(task.name)
     return task

@@ -103,7 +103,7 @@ def result_path(output: str | Path, task: str, n_tasks: int = 1) -> Path:
 
 def evaluate_tasks(cfg, *, model: str | None = None, tasks: list[str] | None = None, split: str | None = None,
                    output: str | Path | None = None, max_queries: int | None = None, use_mteb: bool | None = None,
-                   strict: bool | None = None) -> list[EvalResult]:
+                   strict: bool | None = None, show_progress: bool = True) -> list[EvalResult]:
     """The evaluate stage over a :class:`PipelineConfig`: one model (loaded once) on every configured task.
 
     Arguments left as None come from the config (``model.name_or_path``, ``data.tasks``, ``data.test_split``, ...).
@@ -118,7 +118,8 @@ def evaluate_tasks(cfg, *, model: str | None = None, tasks: list[str] | None = N
         out = result_path(output, task, len(tasks)) if output else None
         results.append(evaluate(emb, task, split or cfg.data.test_split, eval_cfg=cfg.eval,
                                 strict=cfg.data.strict if strict is None else strict,
-                                max_queries=max_queries or cfg.data.max_queries, use_mteb=use_mteb, output=out))
+                                max_queries=max_queries or cfg.data.max_queries, use_mteb=use_mteb, output=out,
+                                show_progress=show_progress))
         if out:
             log.info("wrote %s", out)
     return results

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 ROW_FIELDS = ("kind", "key", "gen", "shard", "task", "expert", "query_id", "query", "positive_id", "positive",
-              "instruction", "judged_ids", "description", "examples")
+              "instruction", "judged_ids", "description", "examples", "llm")
 
 
 def safe_name(text: str) -> str:
@@ -141,8 +141,11 @@ def plan_pairs(task: RetrievalTask, spec: str, cfg: PipelineConfig) -> list[dict
     if s.max_rows is not None and len(rows) > s.max_rows:
         chosen = set(sorted(range(len(rows)), key=lambda i: stable_fraction(rows[i]["key"], f"rows{s.seed}"))[:s.max_rows])
         rows = [r for i, r in enumerate(rows) if i in chosen]
+    llm = range(len(rows)) if s.synthetic_max_rows is None or len(rows) <= s.synthetic_max_rows else set(
+        sorted(range(len(rows)), key=lambda i: stable_fraction(rows[i]["key"], f"llm{s.seed}"))[:s.synthetic_max_rows])
     for i, r in enumerate(rows):
         r["shard"] = i // s.shard_size
+        r["llm"] = s.synthetic_per_query > 0 and i in llm  # this row goes to the generator
     return rows
 
 
@@ -184,7 +187,7 @@ def _instruction_rows(task: RetrievalTask, spec: str, cfg: PipelineConfig) -> li
     desc = f"{desc}. Example instruction: {task_instruction(spec, task.name, cfg.model.query_instruction)}"
     return [{"kind": "instruction", "key": f"instruction\x1f{spec}", "gen": g, "shard": -1, "task": spec,
              "expert": "", "query_id": "", "query": "", "positive_id": "", "positive": "", "instruction": "",
-             "judged_ids": [], "description": desc, "examples": examples} for g in range(2 * n)]
+             "judged_ids": [], "description": desc, "examples": examples, "llm": True} for g in range(2 * n)]
 
 
 def _use_gpu(cfg: PipelineConfig) -> bool:
@@ -214,6 +217,8 @@ class _ShardWriter:
         self.out, self.plan, self.per_row, self.min_words, self.strict = out, plan, per_row, min_words, strict
         self.got: dict[tuple[str, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
         self.counts: dict[tuple[str, int], int] = Counter()
+        # rows expected per shard: per_row generations of an LLM row, the mined row alone otherwise
+        self.expected = {sid: sum(per_row if r["llm"] else 1 for r in rows) for sid, rows in plan.items()}
         self.written: list[Path] = []
         self.gen_tokens = 0
 
@@ -222,7 +227,7 @@ class _ShardWriter:
         self.got[sid][row["key"]].append(row)
         self.counts[sid] += 1
         self.gen_tokens += int(row.get("gen_tokens") or 0)
-        if self.counts[sid] == len(self.plan[sid]) * self.per_row:
+        if self.counts[sid] == self.expected[sid]:
             self._write(sid)
 
     def _write(self, sid: tuple[str, int]) -> None:
@@ -345,6 +350,7 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
         init_local_ray()
         import ray
         import ray.data
+        from ray.data.expressions import col
 
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -352,19 +358,23 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
         writer = _ShardWriter(out, plan, max(s.synthetic_per_query, 1), s.min_words, cfg.data.strict)
         mined = _mine(cfg, tasks, {r["task"] for r in pending_rows}, pending_rows, out) if pending_rows else None
         gen_parts, streams = [], []
-        if mined is not None and s.synthetic_per_query > 0:
+        n_llm = sum(r["llm"] for r in pending_rows)
+        if mined is not None and n_llm < len(pending_rows):
+            # rows with mined negatives only (synth.synthetic_max_rows, or synthetic_per_query = 0) skip the engine
+            streams.append(mined if n_llm == 0 else mined.filter(expr=col("llm") == False, num_cpus=0.25))  # noqa: E712
+        if mined is not None and n_llm:
             n = s.synthetic_per_query
-            gen_parts.append(mined if n == 1 else
-                             mined.flat_map(lambda r: [{**r, "gen": g} for g in range(n)], num_cpus=0.25))
+            to_llm = mined if n_llm == len(pending_rows) else mined.filter(expr=col("llm") == True,  # noqa: E712
+                                                                           num_cpus=0.25)
+            gen_parts.append(to_llm if n == 1 else
+                             to_llm.flat_map(lambda r: [{**r, "gen": g} for g in range(n)], num_cpus=0.25))
         if instr_rows:
             gen_parts.append(ray.data.from_arrow(_rows_table(instr_rows, mined=True)))
         if gen_parts:
             gen_ds = gen_parts[0] if len(gen_parts) == 1 else gen_parts[0].union(*gen_parts[1:])
             streams.append(build_generator(cfg)(gen_ds))
-        if mined is not None and s.synthetic_per_query == 0:
-            streams.append(mined)
         instr_texts: dict[str, list[tuple[int, str]]] = defaultdict(list)
-        total = len(pending_rows) * max(s.synthetic_per_query, 1) + len(instr_rows)
+        total = sum(writer.expected.values()) + len(instr_rows)
         bar = tqdm(total=total, desc="synthesize", unit="row", disable=not show_progress, dynamic_ncols=True)
         tg = time.perf_counter()
         done_rows, next_log = 0, 0.1
@@ -410,7 +420,8 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
 def _rows_table(rows: list[dict], *, mined: bool = False) -> pa.Table:
     cols = {c: [r[c] for r in rows] for c in ROW_FIELDS}
     t = pa.table({**{c: pa.array(v, pa.list_(pa.string())) if c in ("judged_ids", "examples") else
-                     pa.array(v, pa.int64()) if c in ("gen", "shard") else pa.array(v, pa.string())
+                     pa.array(v, pa.int64()) if c in ("gen", "shard") else
+                     pa.array(v, pa.bool_()) if c == "llm" else pa.array(v, pa.string())
                      for c, v in cols.items()}})
     # rows that skip mining still need the mined columns (one schema for the generation stage)
     return MineBatch.output(t) if mined else t

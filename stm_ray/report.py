@@ -1,0 +1,281 @@
+"""``write_report(run_dir)``: ``<run_dir>/report.md`` with PNG plots, from what the stages left on disk.
+
+Reads only files (``manifest.json``, ``eval/<label>/<task>.json``, ``merged/merge.json``, ``experts/*/metrics.json``,
+``synth/manifest.json``, ``search/instructions.json``), so ``stm-ray report RUN_DIR`` regenerates it at any time, for
+a finished or a partial run. Plots (matplotlib, Agg)::
+
+    <run_dir>/report/ndcg_per_task.png     NDCG@10 on the test split per task: base, every expert, merged
+    <run_dir>/report/merge_trials.png      merge search: each expert's coefficient vs the trial's dev NDCG@10
+    <run_dir>/report/throughput.png        synthesis (generated tokens/s, rows/s) and training (samples/s per expert)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from stm_ray.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        log.warning("report: %s is not valid JSON (%s); left out", path, e)
+        return None
+
+
+def ndcg_table(run_dir: Path) -> tuple[list[str], dict[str, dict[str, float]], str]:
+    """``(tasks, {label: {task: ndcg, "mean": ...}}, split)`` from the evaluate stage's counts, else from the
+    mteb-format files under ``eval/``. Labels in order: base, experts, merged."""
+    manifest = _load(run_dir / "manifest.json") or {}
+    tasks = list(((manifest.get("config") or {}).get("data") or {}).get("tasks") or [])
+    ev = ((manifest.get("stages") or {}).get("evaluate") or {}).get("counts") or {}
+    table: dict[str, dict[str, float]] = {k: dict(v) for k, v in (ev.get("ndcg_at_10") or {}).items()}
+    split = ev.get("split", "test")
+    if not table and (run_dir / "eval").is_dir():
+        from stm_ray.eval.evaluate import result_path
+
+        for d in sorted(p for p in (run_dir / "eval").iterdir() if p.is_dir()):
+            row = {}
+            for t in tasks:
+                res = _load(result_path(d, t))
+                if res and split in res.get("scores", {}):
+                    row[t] = res["scores"][split][0]["ndcg_at_10"]
+            if row:
+                row["mean"] = sum(row.values()) / len(row) if len(row) == len(tasks) else float("nan")
+                table[d.name] = row
+    order = sorted(table, key=lambda lb: (lb != "base", lb == "merged", lb))
+    return tasks, {lb: table[lb] for lb in order}, split
+
+
+def area_names(tasks: list[str]) -> dict[str, str]:
+    """A readable name per task spec: icd10 chapter groups get their chapters' short titles."""
+    names = {}
+    for t in tasks:
+        if t.startswith("icd10:"):
+            names[t] = f"ICD-10 ch. {t[6:]}"
+        elif t.startswith("beir:"):
+            names[t] = Path(t[5:].rstrip("/")).name
+        else:
+            names[t] = t
+    return names
+
+
+def _bar_plot(tasks: list[str], table: dict[str, dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = area_names(tasks)
+    cols = [*tasks, "mean"]
+    labels = list(table)
+    x = np.arange(len(cols))
+    width = 0.8 / max(len(labels), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(cols) + 1), 4.2))
+    colors = {"base": "#9e9e9e", "merged": "#d62728"}
+    for i, lb in enumerate(labels):
+        vals = [table[lb].get(c, float("nan")) for c in cols]
+        bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, vals, width, label=lb, color=colors.get(lb))
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in vals], fontsize=7, rotation=90, padding=2)
+    ax.set_xticks(x, [names.get(c, c) for c in cols])
+    ax.set_ylabel("NDCG@10")
+    top = max((v for r in table.values() for v in r.values() if v == v), default=1.0)
+    ax.set_ylim(0, min(1.0, top * 1.25))
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=min(len(labels), 4), loc="upper left")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _merge_plot(merge: dict[str, Any], path: Path) -> bool:
+    """One panel per expert: its coefficient in each trial vs the trial's mean dev NDCG@10 (winner starred)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in merge.get("trials") or [] if r.get("ndcg_at_10") is not None]
+    comps = sorted({k[2:] for r in rows for k in r if k.startswith("w_")})
+    if not rows or not comps:
+        return False
+    res = merge.get("result") or {}
+    fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 3.6), sharey=True, squeeze=False)
+    methods = sorted({str(r.get("method")) for r in rows})
+    for ax, c in zip(axes[0], comps):
+        for m in methods:
+            pts = [(r.get(f"w_{c}"), r["ndcg_at_10"]) for r in rows if str(r.get("method")) == m and r.get(f"w_{c}") is not None]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=22, alpha=0.75, label=m)
+        w = (res.get("weights") or {}).get(c)
+        if w is not None and res.get("dev"):
+            ax.scatter([w], [res["dev"]["ndcg_at_10"]], marker="*", s=220, color="#d62728", zorder=5, label="winner")
+        if res.get("base_dev"):
+            ax.axhline(res["base_dev"]["ndcg_at_10"], color="#9e9e9e", ls="--", lw=1, label="base")
+        ex = (res.get("experts_dev") or {}).get(c)
+        if ex:
+            ax.axhline(ex["ndcg_at_10"], color="#1f77b4", ls=":", lw=1, label=f"{c} alone")
+        ax.set_xlabel(f"coefficient of {c}")
+        ax.set_title(c, fontsize=9)
+    axes[0][0].set_ylabel("mean dev NDCG@10")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"merge search: {len(rows)} trials ({merge.get('searcher', '')})", fontsize=10)
+    _save(fig, path)
+    return True
+
+
+def _throughput_plot(synth: dict[str, Any] | None, experts: dict[str, dict[str, Any]], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    if synth and synth.get("seconds"):
+        panels.append(("synthesis", {"generated tokens/s": synth.get("tokens_per_s") or 0.0,
+                                     "rows/s (whole stage)": (synth.get("rows") or 0) / synth["seconds"]}))
+    if experts:
+        panels.append(("training (samples/s)", {n: e.get("samples_per_s") or 0.0 for n, e in experts.items()}))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.4), squeeze=False)
+    for ax, (title, vals) in zip(axes[0], panels):
+        bars = ax.barh(list(vals), list(vals.values()), color="#1f77b4")
+        ax.bar_label(bars, labels=[f"{v:.1f}" for v in vals.values()], fontsize=8, padding=2)
+        ax.set_title(title, fontsize=10)
+        ax.margins(x=0.25)
+    _save(fig, path)
+    return True
+
+
+def _md_table(rows: list[list[Any]], header: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def summary_rows(tasks: list[str], table: dict[str, dict[str, float]]) -> tuple[list[str], list[list[Any]]]:
+    """The headline table: one row per task (area) and the mean; one column per model."""
+    names = area_names(tasks)
+    header = ["task", *table]
+    rows = [[names[t], *[table[lb].get(t, float("nan")) for lb in table]] for t in tasks]
+    rows.append(["mean", *[table[lb].get("mean", float("nan")) for lb in table]])
+    return header, rows
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/report.md`` and its plots from the run's files; returns the report's path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    manifest = _load(run_dir / "manifest.json")
+    if manifest is None:
+        raise FileNotFoundError(f"{run_dir}/manifest.json not found: is this a run directory of stm-ray run/demo?")
+    from stm_ray.pipeline import pipeline_table
+
+    stages = manifest.get("stages") or {}
+    cfg = manifest.get("config") or {}
+    plots = run_dir / "report"
+    md = [f"# stm-ray run report: `{manifest.get('run_dir', run_dir)}`", "",
+          f"Config fingerprint `{manifest.get('fingerprint', '?')}`, created {manifest.get('created', '?')}, updated "
+          f"{manifest.get('updated', '?')}. Base model `{(cfg.get('model') or {}).get('name_or_path', '?')}`, tasks "
+          + ", ".join(f"`{t}`" for t in (cfg.get("data") or {}).get("tasks", [])) + ".", ""]
+
+    tasks, table, split = ndcg_table(run_dir)
+    md += [f"## NDCG@10 on the {split} split", ""]
+    if table and tasks:
+        header, rows = summary_rows(tasks, table)
+        md += [_md_table(rows, header), ""]
+        base, merged = table.get("base"), table.get("merged")
+        experts = {lb: r for lb, r in table.items() if lb.startswith("expert-")}
+        if base and merged:
+            best = max(experts.items(), key=lambda kv: kv[1].get("mean", float("-inf")), default=(None, None))
+            md.append(f"Merged vs base: {merged['mean'] - base['mean']:+.4f} on the mean; better on "
+                      f"{sum(merged.get(t, 0) > base.get(t, 0) for t in tasks)} of {len(tasks)} task(s)."
+                      + (f" Merged vs the best single expert ({best[0]}): {merged['mean'] - best[1]['mean']:+.4f} on "
+                         "the mean." if best[0] else ""))
+            md.append("")
+        _bar_plot(tasks, table, plots / "ndcg_per_task.png", f"NDCG@10 ({split} split)")
+        md += ["![NDCG@10 per task](report/ndcg_per_task.png)", ""]
+        md += ["Per-model results in mteb format: `eval/<model>/<task>.json`.", ""]
+    else:
+        md += ["Not evaluated yet (run the `evaluate` stage).", ""]
+
+    merge = _load(run_dir / "merged" / "merge.json")
+    md += ["## Merge search", ""]
+    if merge:
+        res = merge.get("result") or {}
+        w = ", ".join(f"{k} = {v:g}" for k, v in (res.get("weights") or {}).items())
+        dens = f", density {res['density']:g}" if res.get("density") is not None and res.get("method") != "linear" else ""
+        md.append(f"{len(merge.get('trials') or [])} trials ({merge.get('searcher')}). Winner: **{res.get('method')}**, "
+                  f"{w}{dens}; mean dev NDCG@10 {res.get('dev', {}).get('ndcg_at_10', float('nan')):.4f} (base "
+                  f"{(res.get('base_dev') or {}).get('ndcg_at_10', float('nan')):.4f}"
+                  + "".join(f", {n} {d['ndcg_at_10']:.4f}" for n, d in (res.get("experts_dev") or {}).items()) + ")."
+                  + (f" Dropped: {', '.join(res['dropped'])}." if res.get("dropped") else ""))
+        md.append("")
+        if _merge_plot(merge, plots / "merge_trials.png"):
+            md += ["![merge trials](report/merge_trials.png)", ""]
+        md += ["The merged model is `merged/` (sentence-transformers folder; `merged/merge.json` holds every trial).", ""]
+    else:
+        md += ["No merge yet.", ""]
+
+    instr = _load(run_dir / "search" / "instructions.json")
+    if instr:
+        r = instr
+        md += ["## Instruction search", "",
+               f"Winner: `{(r.get('best') or {}).get('instruction') or '(none)'}` — mean dev NDCG@10 "
+               f"{(r.get('dev') or {}).get('ndcg_at_10', float('nan')):.4f} (no instruction: "
+               f"{(r.get('baseline') or {}).get('ndcg_at_10', float('nan')):.4f}), {len(r.get('trials') or [])} "
+               "candidates.", ""]
+
+    synth = ((stages.get("synthesize") or {}).get("counts")) or ((_load(run_dir / "synth" / "manifest.json") or {})
+                                                                  .get("result"))
+    train = ((stages.get("train") or {}).get("counts") or {}).get("experts") or {}
+    if not train and (run_dir / "experts").is_dir():
+        for d in sorted((run_dir / "experts").iterdir()):
+            m = _load(d / "metrics.json")
+            if m:
+                train[d.name] = m
+    md += ["## Throughput", ""]
+    if synth:
+        by = synth.get("negatives_by_source") or {}
+        md.append(f"Synthesis: {synth.get('rows', 0)} (query, positive) rows in {synth.get('seconds', 0):.0f} s; "
+                  f"{synth.get('synthetic_generated', 0)} LLM negatives generated, {synth.get('gen_tokens', 0)} tokens "
+                  f"at {synth.get('tokens_per_s', 0):.1f} tokens/s; negatives kept by source: "
+                  + (", ".join(f"{k} {v}" for k, v in sorted(by.items())) or "none")
+                  + (f"; dropped by reason: {', '.join(f'{k} {v}' for k, v in synth['drops_by_reason'].items() if v)}"
+                     if any((synth.get("drops_by_reason") or {}).values()) else "") + ".")
+        md.append("")
+    if train:
+        md += [_md_table([[n, e.get("rows"), e.get("steps"), e.get("samples_per_s"), e.get("wall_s"),
+                           e.get("final_loss")] for n, e in train.items()],
+                         ["expert", "rows", "steps", "samples/s", "wall s", "final loss"]), ""]
+    if _throughput_plot(synth, train, plots / "throughput.png"):
+        md += ["![throughput](report/throughput.png)", ""]
+
+    md += ["## Stages", "", "```", pipeline_table({"stages": stages}).split("\n\nNDCG@10")[0], "```", "",
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items()) + ".", "",
+           "Regenerate with `stm-ray report " + str(manifest.get("run_dir", run_dir)) + "`.", ""]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(md))
+    return path
