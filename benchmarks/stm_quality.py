@@ -24,6 +24,7 @@ table. Writes benchmarks/results/stm_quality.json and <run-dir>/report.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -111,7 +112,7 @@ def main() -> int:
     stages = manifest["stages"]
     merge = stages["merge"].get("counts") or {}
     figures = {
-        "config": cfg.model_dump(mode="json", exclude={"serve"}),
+        "config": cfg.model_dump(mode="json", exclude={"serve", "run_dir", "staging_dir"}),
         "scifact_folder": "../shared/data/scifact (not in the repo)",
         "ndcg_at_10": {lb: {names[t]: r[t] for t in tasks} | {"mean": r["mean"]} for lb, r in table.items()},
         "merge": {k: merge.get(k) for k in ("method", "weights", "density", "dev", "base_dev", "experts_dev",
@@ -123,6 +124,9 @@ def main() -> int:
         "this_invocation_s": round(wall, 1),
         "references": {"base_scifact": BASE_REFERENCE, "sentence_transformers_scifact": ST_REFERENCE},
     }
+    # no paths of this machine in the committed results: the SciFact folder and the run dir are named, not given
+    figures = json.loads(json.dumps(figures).replace(str(Path(cfg.run_dir).resolve()), "RUN_DIR")
+                         .replace(str(Path(args.scifact).resolve()), "SCIFACT"))
     out = write_results(__file__, figures, claims)
     print()
     print(format_table([{**c, "value": c["value"], "met": "yes" if c["met"] else "NO"} for c in claims],
