@@ -390,7 +390,7 @@ def cmd_demo(args) -> int:
     _require_local_run_dir(cfg, args.command)
     t0 = time.perf_counter()
     manifest = run_pipeline(cfg, force=args.force, show_progress=not args.no_progress)
-    print("\n" + pipeline_table(manifest).split("\n\nNDCG@10")[0])
+    print("\n" + pipeline_table(manifest, ndcg=False))  # the per-area table follows
     print_summary(cfg.run_dir, Path(cfg.run_dir) / "report.md")
     print(f"manifest: {Path(cfg.run_dir) / 'manifest.json'}; this invocation took {time.perf_counter() - t0:.0f} s")
     return 0
@@ -398,8 +398,9 @@ def cmd_demo(args) -> int:
 
 def cmd_report(args) -> int:
     from stm_ray.report import write_report
+    from stm_ray.storage import is_remote
 
-    if Path(args.run_dir).is_dir() is False and "://" in args.run_dir:
+    if is_remote(args.run_dir):
         raise SystemExit(f"stm-ray report: {args.run_dir} is a URI; give the local staging folder of the run")
     path = write_report(args.run_dir)
     print_summary(args.run_dir, path)

@@ -255,15 +255,15 @@ def serve_run(cfg: PipelineConfig, corpus: str | None, show_progress: bool = Tru
     return {"url": info["url"], "model": info["args"]["model_name"], "corpus": corpus}
 
 
-def pipeline_table(manifest: dict[str, Any]) -> str:
-    """Per stage: status and seconds; then NDCG@10 on the test split per model (when evaluated)."""
+def pipeline_table(manifest: dict[str, Any], *, ndcg: bool = True) -> str:
+    """Per stage: status and seconds; then (``ndcg``) NDCG@10 on the test split per model, when evaluated."""
     from stm_ray.eval.evaluate import format_table
 
     rows = [{"stage": n, "status": s.get("status", ""), "seconds": s.get("seconds", "")}
             for n, s in manifest["stages"].items()]
     out = format_table(rows, ["stage", "status", "seconds"], floatfmt="{:.1f}")
     ev = (manifest["stages"].get("evaluate") or {}).get("counts") or {}
-    if ev.get("ndcg_at_10"):
+    if ndcg and ev.get("ndcg_at_10"):
         table = ev["ndcg_at_10"]
         cols = list(next(iter(table.values())))
         erows = [{"model": label, **scores} for label, scores in table.items()]

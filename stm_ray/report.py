@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from stm_ray.utils import atomic_write_text
+from stm_ray.utils import atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +92,7 @@ def _bar_plot(tasks: list[str], table: dict[str, dict[str, float]], path: Path, 
     ax.set_ylim(0, min(1.0, top * 1.25))
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=min(len(labels), 4), loc="upper left")
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def _merge_plot(merge: dict[str, Any], path: Path) -> bool:
@@ -137,7 +126,7 @@ def _merge_plot(merge: dict[str, Any], path: Path) -> bool:
     axes[0][0].set_ylabel("mean dev NDCG@10")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"merge search: {len(rows)} trials ({merge.get('searcher', '')})", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -161,7 +150,7 @@ def _throughput_plot(synth: dict[str, Any] | None, experts: dict[str, dict[str, 
         ax.bar_label(bars, labels=[f"{v:.1f}" for v in vals.values()], fontsize=8, padding=2)
         ax.set_title(title, fontsize=10)
         ax.margins(x=0.25)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -241,11 +230,10 @@ def write_report(run_dir: str | Path) -> Path:
 
     instr = _load(run_dir / "search" / "instructions.json")
     if instr:
-        r = instr
         md += ["## Instruction search", "",
-               f"Winner: `{(r.get('best') or {}).get('instruction') or '(none)'}` — mean dev NDCG@10 "
-               f"{(r.get('dev') or {}).get('ndcg_at_10', float('nan')):.4f} (no instruction: "
-               f"{(r.get('baseline') or {}).get('ndcg_at_10', float('nan')):.4f}), {len(r.get('trials') or [])} "
+               f"Winner: `{(instr.get('best') or {}).get('instruction') or '(none)'}` — mean dev NDCG@10 "
+               f"{(instr.get('dev') or {}).get('ndcg_at_10', float('nan')):.4f} (no instruction: "
+               f"{(instr.get('baseline') or {}).get('ndcg_at_10', float('nan')):.4f}), {len(instr.get('trials') or [])} "
                "candidates.", ""]
 
     synth = ((stages.get("synthesize") or {}).get("counts")) or ((_load(run_dir / "synth" / "manifest.json") or {})
@@ -273,7 +261,7 @@ def write_report(run_dir: str | Path) -> Path:
     if _throughput_plot(synth, train, plots / "throughput.png"):
         md += ["![throughput](report/throughput.png)", ""]
 
-    md += ["## Stages", "", "```", pipeline_table({"stages": stages}).split("\n\nNDCG@10")[0], "```", "",
+    md += ["## Stages", "", "```", pipeline_table({"stages": stages}, ndcg=False), "```", "",
            "Versions: " + ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items()) + ".", "",
            "Regenerate with `stm-ray report " + str(manifest.get("run_dir", run_dir)) + "`.", ""]
     path = run_dir / "report.md"

@@ -21,6 +21,20 @@ def setup_logging(level: str | int = "INFO") -> None:
     logging.getLogger("tensorboardX").setLevel(logging.WARNING)
 
 
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure as PNG atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
     return atomic_write_bytes(path, text.encode("utf-8"))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
+
+from stm_ray.utils import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,4 @@ def plot_trials(rows: list[dict[str, Any]], path: Path, title: str, *, label_key
     ax.set_ylabel("mean dev NDCG@10")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

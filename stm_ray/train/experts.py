@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import threading
@@ -32,7 +31,7 @@ import pyarrow.compute as pc
 from stm_ray.data.shards import read_shards
 from stm_ray.data.task import DataError, DataReport
 from stm_ray.train.batching import TrainRows, plan_batches
-from stm_ray.utils import atomic_dir, atomic_write_json, init_local_ray
+from stm_ray.utils import atomic_dir, atomic_write_json, init_local_ray, save_figure
 
 log = logging.getLogger("stm_ray.train")
 
@@ -120,11 +119,7 @@ def _plot_loss(loss: list[float], path: Path, title: str) -> None:
     ax.set_ylabel("InfoNCE loss")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _dev_ndcg(model_path: str, tasks: list[str], cfg) -> dict[str, float | None]:
