@@ -39,7 +39,7 @@ def main() -> None:
     from stm_ray.config import load_config
     from stm_ray.data.shards import read_shards
     from stm_ray.eval import evaluate_tasks
-    from stm_ray.search import merge_table, search_merge
+    from stm_ray.merge import merge_table, search_merge
     from stm_ray.synth import synthesize
     from stm_ray.train import train_experts
     from stm_ray.utils import init_local_ray, setup_logging

@@ -84,9 +84,10 @@ def run_hf(prompts: list[dict], max_tokens: int, batch: int = 16) -> dict:
 
 def _engine_kwargs() -> dict:
     from stm_ray.config import SynthConfig
+    from stm_ray.modeling.aliases import smollm2_path
     from stm_ray.synth.llm import vllm_engine_kwargs
 
-    return vllm_engine_kwargs(SynthConfig(), use_gpu=False)
+    return vllm_engine_kwargs(SynthConfig(), use_gpu=False, model_dir=smollm2_path())
 
 
 def run_vllm(prompts: list[dict], max_tokens: int) -> dict:

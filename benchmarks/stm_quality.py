@@ -79,9 +79,9 @@ def main() -> int:
               "pass --scifact DIR or set STM_RAY_SCIFACT", file=sys.stderr)
         return 2
 
-    from stm_ray.eval import format_table
     from stm_ray.pipeline import run_pipeline
     from stm_ray.report import ndcg_table
+    from stm_ray.tables import format_table
     from stm_ray.utils import setup_logging
 
     setup_logging("INFO")

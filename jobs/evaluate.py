@@ -1,28 +1,21 @@
-"""Ray job entrypoint: evaluate a model on the configured tasks (the `stm-ray evaluate` stage).
+"""Ray job entrypoint: evaluate the base model, the experts and the merged model (the `evaluate` stage of `stm-ray run`).
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
-        python jobs/evaluate.py jobs/configs/local.yaml model.name_or_path=minilm
+        python jobs/evaluate.py jobs/configs/local.yaml eval.top_k=100
 
-Arguments: a pipeline config YAML, then key=value overrides. Results go to <run_dir>/eval/<task>.json (mteb format).
+Arguments: a pipeline config YAML, then key=value overrides (and any option of `stm-ray run`). It is
+`stm-ray run CONFIG --stages evaluate`: the CLI's own entry, with its checks, errors and exit codes, the run manifest,
+and s3:// / gs:// run dirs staged and mirrored.
+
+Writes <run_dir>/eval/<base|expert-NAME|merged>/<task>.json (mteb format); files whose fingerprint matches
+are reused.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from stm_ray.config import load_config
-from stm_ray.eval import evaluate_tasks, results_table
-from stm_ray.utils import setup_logging
-
-
-def main(argv: list[str]) -> int:
-    setup_logging()
-    cfg = load_config(argv[0] if argv else None, argv[1:])
-    results = evaluate_tasks(cfg, output=Path(cfg.run_dir) / "eval")
-    print(results_table(results))
-    return 0
-
+from stm_ray.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main(["run", "--no-progress", "--stages", "evaluate", *sys.argv[1:]]))

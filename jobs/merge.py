@@ -1,27 +1,20 @@
-"""Ray job entrypoint: Ray Tune + mergekit search over merges of the experts (the `stm-ray merge` stage).
+"""Ray job entrypoint: Ray Tune + mergekit search over merges of the experts (the `merge` stage of `stm-ray run`).
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
         python jobs/merge.py jobs/configs/local.yaml search.max_concurrent_trials=4
 
-Arguments: a pipeline config YAML, then key=value overrides. Reads <run_dir>/experts/*; writes <run_dir>/merged/
-(with merge.json) and <run_dir>/search/merge_trials.png.
+Arguments: a pipeline config YAML, then key=value overrides (and any option of `stm-ray run`). It is
+`stm-ray run CONFIG --stages merge`: the CLI's own entry, with its checks, errors and exit codes, the run manifest,
+and s3:// / gs:// run dirs staged and mirrored.
+
+Reads <run_dir>/experts/*; writes <run_dir>/merged/ (with merge.json) and <run_dir>/search/merge_trials.png.
 """
 
 from __future__ import annotations
 
 import sys
 
-from stm_ray.config import load_config
-from stm_ray.search import merge_table, search_merge
-from stm_ray.utils import setup_logging
-
-
-def main(argv: list[str]) -> int:
-    setup_logging()
-    cfg = load_config(argv[0] if argv else None, argv[1:])
-    print(merge_table(search_merge(cfg, show_progress=False)))
-    return 0
-
+from stm_ray.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main(["run", "--no-progress", "--stages", "merge", *sys.argv[1:]]))

@@ -1,28 +1,21 @@
-"""Ray job entrypoint: mine hard negatives and write new ones with vLLM actors (the `stm-ray synthesize` stage).
+"""Ray job entrypoint: mine hard negatives and write new ones with vLLM actors (the `synthesize` stage of `stm-ray run`).
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
         python jobs/synthesize.py jobs/configs/local.yaml synth.concurrency=[1,4]
 
-Arguments: a pipeline config YAML, then key=value overrides. Writes <run_dir>/synth/<task>/part-*.parquet and
-<run_dir>/synth/instructions/<task>.json; a resubmitted job writes only the missing shards.
+Arguments: a pipeline config YAML, then key=value overrides (and any option of `stm-ray run`). It is
+`stm-ray run CONFIG --stages synthesize`: the CLI's own entry, with its checks, errors and exit codes, the run manifest,
+and s3:// / gs:// run dirs staged and mirrored.
+
+Writes <run_dir>/synth/<task>/part-*.parquet and <run_dir>/synth/instructions/<task>.json; a resubmitted job
+writes only the missing shards (same fingerprint) or redoes them (another one).
 """
 
 from __future__ import annotations
 
 import sys
 
-from stm_ray.config import load_config
-from stm_ray.synth import synthesize
-from stm_ray.synth.pipeline import summary_table
-from stm_ray.utils import setup_logging
-
-
-def main(argv: list[str]) -> int:
-    setup_logging()
-    cfg = load_config(argv[0] if argv else None, argv[1:])
-    print(summary_table(synthesize(cfg, show_progress=False)))
-    return 0
-
+from stm_ray.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main(["run", "--no-progress", "--stages", "synthesize", *sys.argv[1:]]))

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--config", help="pipeline config YAML (default: the built-in demo config)")
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/demo)")
-    p.add_argument("--force", action="store_true", help="rerun stages the manifest marks done")
+    p.add_argument("--force", action="store_true", help="redo every stage's outputs even when their fingerprints match")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     _add_overrides(p)
 
@@ -64,16 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the Synthesize-Train-Merge loop over one run directory: synthesize (Ray Data + "
                                    "vLLM) -> train one LoRA expert per source (Ray Train) -> instruction search and "
                                    "merge search (Ray Tune + mergekit) -> evaluate base, every expert and the merged "
-                                   "model on the test split -> optionally serve (--serve). <run_dir>/manifest.json "
-                                   "records the config, package versions and per stage its status, timings and "
-                                   "counts. Every stage resumes from what is on disk, and a stage the manifest marks "
-                                   "done under the same config is skipped: rerunning a finished run does nothing. "
-                                   "On a Ray cluster submit jobs/pipeline.py instead (same arguments).",
+                                   "model on the test split -> optionally serve (--serve). Every output carries the "
+                                   "fingerprint of what produced it (the config fields that change it and its inputs' "
+                                   "fingerprints): a rerun reuses an output whose fingerprint matches, redoes one whose "
+                                   "fingerprint differs (the log names the fields that changed) and resumes an "
+                                   "unfinished one, so rerunning a finished run does nothing and changing "
+                                   "train.learning_rate redoes training, merge and evaluation but not synthesis. "
+                                   "<run_dir>/manifest.json records the config, package versions and per stage its "
+                                   "status, fingerprint, what the rule decided, timings and counts. On a Ray cluster "
+                                   "submit jobs/pipeline.py instead (same arguments).",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--stages", default=None, help="comma-separated subset, e.g. train,merge (default: all but serve)")
     p.add_argument("--skip", default=None, help="comma-separated stages to leave out, e.g. instructions")
-    p.add_argument("--force", action="store_true", help="rerun stages the manifest marks done (each still resumes)")
+    p.add_argument("--force", action="store_true", help="redo the chosen stages' outputs even when their fingerprints "
+                                                        "match")
     p.add_argument("--serve", action="store_true", help="deploy the merged model on Ray Serve at the end and block")
     p.add_argument("--corpus", default=None, metavar="TASK", help="with --serve: index this task's corpus for /search")
     p.add_argument("--no-block", action="store_true", help="with --serve: return once the application is up (on a "
@@ -105,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ray.data.llm. Each generated negative is checked (empty, too short, copy of the "
                                    "positive or query, refusal, chat boilerplate); failures are dropped and counted. "
                                    "Writes <run_dir>/synth/<task>/part-*.parquet (the shards `stm-ray train` reads) and "
-                                   "<run_dir>/synth/instructions/<task>.json (an instruction pool). A rerun writes only "
-                                   "the missing shards. Joins the cluster in RAY_ADDRESS, else starts a local Ray on "
+                                   "<run_dir>/synth/instructions/<task>.json (an instruction pool). A rerun under the "
+                                   "same fingerprint writes only the missing shards; under another one (a changed synth "
+                                   "or data field, other task data) it redoes them. Joins the cluster in RAY_ADDRESS, else starts a local Ray on "
                                    "127.0.0.1.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
@@ -121,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cluster allows. Shows a progress bar per expert (step, loss, samples/s), writes "
                                    "<run_dir>/experts/<name>/ (a sentence-transformers folder, LoRA merged, plus "
                                    "metrics.json and loss.png) and prints a summary with dev NDCG@10 against the base. "
-                                   "Finished experts are skipped on a rerun; interrupted ones resume from their last "
-                                   "checkpoint. Joins the cluster in RAY_ADDRESS, else starts a local Ray on 127.0.0.1.",
+                                   "A rerun reuses an expert whose fingerprint (model and train fields, its rows) matches, "
+                                   "resumes an interrupted one from its last checkpoint and retrains one whose "
+                                   "fingerprint changed. Joins the cluster in RAY_ADDRESS, else starts a local Ray on 127.0.0.1.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--shards", default=None, help="shard folder or parquet file (default: train.shards or <run_dir>/synth)")
@@ -161,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder) with merge.json (method, coefficients, dropped experts, dev scores of base, "
                                    "experts and merge, the trial table); the trials are plotted in "
                                    "<run_dir>/search/merge_trials.png. An interrupted search resumes; a finished one is "
-                                   "skipped.",
+                                   "reused while its fingerprint (merge, model and dev-set fields, the experts, the "
+                                   "instruction) matches, and redone otherwise.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--no-progress", action="store_true", help="no Tune progress tables (logs only)")
@@ -287,8 +295,8 @@ def cmd_train(args) -> int:
 
 def cmd_tune_prompts(args) -> int:
     from stm_ray.config import load_config
-    from stm_ray.eval import format_table
     from stm_ray.search import instruction_table, search_instructions, search_pool_size
+    from stm_ray.tables import format_table
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
@@ -311,7 +319,7 @@ def cmd_tune_prompts(args) -> int:
 
 def cmd_merge(args) -> int:
     from stm_ray.config import load_config
-    from stm_ray.search import merge_table, search_merge
+    from stm_ray.merge import merge_table, search_merge
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
@@ -341,7 +349,8 @@ def _stage_list(text: str | None) -> list[str] | None:
 
 def cmd_run(args) -> int:
     from stm_ray.config import load_config
-    from stm_ray.pipeline import pipeline_table, run_pipeline
+    from stm_ray.pipeline import run_pipeline
+    from stm_ray.report import pipeline_table
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
@@ -369,8 +378,8 @@ def demo_config_path() -> Path:
 
 def print_summary(run_dir: str | Path, report: Path | None) -> None:
     """The headline table (NDCG@10 per task and mean, one column per model) and where the report is."""
-    from stm_ray.eval import format_table
     from stm_ray.report import ndcg_table, summary_rows
+    from stm_ray.tables import format_table
 
     tasks, table, split = ndcg_table(Path(run_dir))
     if table and tasks:
@@ -383,7 +392,8 @@ def print_summary(run_dir: str | Path, report: Path | None) -> None:
 
 def cmd_demo(args) -> int:
     from stm_ray.config import load_config
-    from stm_ray.pipeline import pipeline_table, run_pipeline
+    from stm_ray.pipeline import run_pipeline
+    from stm_ray.report import pipeline_table
 
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = load_config(args.config or str(demo_config_path()), overrides)
@@ -408,6 +418,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if args.address:
+        from stm_ray.utils import join_cluster_env
+
+        join_cluster_env(args.address)
     from stm_ray.config import load_config
     from stm_ray.serve.deploy import (
         app_args,
@@ -471,7 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     from stm_ray.data import DataError
     from stm_ray.utils import setup_logging
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (`run cfg.yaml --stages train train.epochs=2`)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.log_level)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:

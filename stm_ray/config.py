@@ -27,6 +27,34 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
 
+# Markers for the stage contract (stm_ray.stage.fingerprint): a field marked RUNTIME does not change what a stage
+# writes (resources, concurrency, progress, where things live); a field marked INPUT names an input whose own
+# fingerprint counts instead of its value (a shard folder, the expert mapping). Every other field changes outputs.
+RUNTIME = {"stm_ray": "runtime"}
+INPUT = {"stm_ray": "input"}
+
+
+def output_values(model: BaseModel) -> dict[str, Any]:
+    """The model's values that change outputs: every field but those marked RUNTIME or INPUT, recursively."""
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        if (info.json_schema_extra or {}).get("stm_ray") in ("runtime", "input"):
+            continue
+        value = getattr(model, name)
+        out[name] = output_values(value) if isinstance(value, BaseModel) else _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return output_values(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
 class DataConfig(_Frozen):
     """Which retrieval tasks a run uses and how they are read.
 
@@ -39,7 +67,7 @@ class DataConfig(_Frozen):
     train_split: str = Field("train", description="Split used for synthesis and training.")
     dev_split: str = Field("dev", description="Split used by the instruction and merge searches.")
     test_split: str = Field("test", description="Split reported by evaluation.")
-    strict: bool = Field(False, description="Make recoverable data problems (qrels naming unknown ids) fatal.")
+    strict: bool = Field(False, description="Make recoverable data problems (qrels naming unknown ids) fatal.", json_schema_extra=RUNTIME)
     max_queries: int | None = Field(None, ge=1, description="Cap on queries per split (deterministic subsample); None = all.")
     seed: int = Field(13, description="Seed for deterministic subsampling and splits.")
 
@@ -62,8 +90,8 @@ class ModelConfig(_Frozen):
     document_instruction: str | None = Field(None, description="Prefix for documents; none by default, as in STM.")
     bidirectional: bool = Field(False, description="Decoder-only models: turn off the causal mask (STM).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
-    batch_size: int = Field(64, ge=1, description="Encode batch size.")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...", json_schema_extra=RUNTIME)
+    batch_size: int = Field(64, ge=1, description="Encode batch size.", json_schema_extra=RUNTIME)
 
 
 class LoRAConfig(_Frozen):
@@ -80,8 +108,8 @@ class SynthConfig(_Frozen):
 
     generator: str = Field("smollm2", description="Generator LLM: alias, folder or hub id.")
     engine: Literal["vllm", "openai"] = Field("vllm", description="vLLM actors, or an OpenAI-compatible HTTP endpoint.")
-    base_url: str | None = Field(None, description="OpenAI-compatible endpoint for engine='openai'.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never the key itself).")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint for engine='openai'.", json_schema_extra=RUNTIME)
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never the key itself).", json_schema_extra=RUNTIME)
     miners: list[Literal["bm25", "dense"]] = Field(default_factory=lambda: ["bm25", "dense"], description="Negative miners.")
     mine_depth: int = Field(50, ge=1, description="Candidates retrieved per query before filtering.")
     negatives_per_miner: int = Field(1, ge=0, description="Mined negatives kept per miner.")
@@ -94,23 +122,30 @@ class SynthConfig(_Frozen):
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling.")
     max_new_tokens: int = Field(96, ge=8, description="Max tokens per generated passage (raise it for long documents).")
-    batch_size: int = Field(64, ge=1, description="Rows per batch sent to an engine actor.")
-    max_concurrent_batches: int = Field(4, ge=1, description="Batches in flight per engine actor (keeps the engine's queue full).")
-    max_num_seqs: int = Field(128, ge=1, description="vLLM: sequences decoded together.")
+    batch_size: int = Field(64, ge=1, description="Rows per batch sent to an engine actor.", json_schema_extra=RUNTIME)
+    max_concurrent_batches: int = Field(4, ge=1, description="Batches in flight per engine actor (keeps the engine's queue full).", json_schema_extra=RUNTIME)
+    max_num_seqs: int = Field(16, ge=1, description="vLLM: sequences decoded together (raise it on a GPU, e.g. 256).",
+                              json_schema_extra=RUNTIME)
     max_model_len: int = Field(2048, ge=128, description="vLLM: max prompt + generated tokens.")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments (override the defaults).")
-    use_gpu: bool | None = Field(None, description="One GPU per engine actor; None = when the Ray cluster has GPUs.")
-    concurrency: tuple[int, int] = Field((1, 1), description="(min, max) engine actors: an autoscaling pool.")
-    http_qps: int | None = Field(8, ge=1, description="engine='openai': max requests per second per actor (None = one at a time).")
-    http_max_retries: int = Field(3, ge=0, description="engine='openai': retries with exponential backoff.")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="vLLM KV-cache budget in GiB. None = what max_num_seqs sequences of max_model_len "
+                                "tokens need for the generator (layers x KV heads x head size x dtype; SmolLM2-135M "
+                                "at 16 x 2048 in float32: 1.41 GiB). On a CPU it is allocated from RAM when the engine "
+                                "starts and checked first against the memory available there; on a GPU None leaves "
+                                "vLLM's own sizing (gpu_memory_utilization 0.85 of the GPU).", json_schema_extra=RUNTIME)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments (override the defaults).", json_schema_extra=RUNTIME)
+    use_gpu: bool | None = Field(None, description="One GPU per engine actor; None = when the Ray cluster has GPUs.", json_schema_extra=RUNTIME)
+    concurrency: tuple[int, int] = Field((1, 1), description="(min, max) engine actors: an autoscaling pool.", json_schema_extra=RUNTIME)
+    http_qps: int | None = Field(8, ge=1, description="engine='openai': max requests per second per actor (None = one at a time).", json_schema_extra=RUNTIME)
+    http_max_retries: int = Field(3, ge=0, description="engine='openai': retries with exponential backoff.", json_schema_extra=RUNTIME)
     prompt_max_chars: int = Field(2000, ge=100, description="Positive and mined negative are cut to this many characters in the prompt.")
     min_words: int = Field(4, ge=1, description="Generated negatives with fewer words are dropped ('too_short').")
     instruction_pool_size: int = Field(10, ge=0, description="Retrieval instructions written per task (STM generic prompts; 0 = none).")
     expert_by: str = Field("task", description="Expert tag of a row: 'task' (one expert per task), or a query column "
                                                "of the task (e.g. 'chapter' for icd10: one tag per chapter).")
     shard_size: int = Field(256, ge=1, description="(query, positive) rows per parquet shard (the unit of resume).")
-    mine_concurrency: int = Field(1, ge=1, description="Max mining actors (an autoscaling pool from 1; each holds the indexes).")
-    mine_num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per mining actor.")
+    mine_concurrency: int = Field(1, ge=1, description="Max mining actors (an autoscaling pool from 1; each holds the indexes).", json_schema_extra=RUNTIME)
+    mine_num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per mining actor.", json_schema_extra=RUNTIME)
     max_rows: int | None = Field(None, ge=1, description="Cap on (query, positive) rows synthesised per task; None = all.")
     seed: int = Field(13, description="Seed for row subsampling and per-row sampling seeds (reruns write the same text).")
 
@@ -136,11 +171,11 @@ class TrainConfig(_Frozen):
     each (LLM-Embedder). The global batch sequence does not depend on ``num_workers``.
     """
 
-    shards: str | None = Field(None, description="Folder (or file) of synthesized parquet shards; None = <run_dir>/synth.")
+    shards: str | None = Field(None, description="Folder (or file) of synthesized parquet shards; None = <run_dir>/synth.", json_schema_extra=INPUT)
     lora: LoRAConfig | None = Field(default_factory=LoRAConfig, description="LoRA settings; null = full fine-tune.")
     experts: dict[str, list[str]] = Field(
         default_factory=dict,
-        description="Expert name -> the shard 'expert' tags it trains on; empty = one expert per tag in the data.")
+        description="Expert name -> the shard 'expert' tags it trains on; empty = one expert per tag in the data.", json_schema_extra=INPUT)
     epochs: int = Field(1, ge=1, description="Epochs over each expert's data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None = all epochs).")
     batch_size: int = Field(32, ge=1, description="Global batch: queries per optimizer step over all workers "
@@ -160,19 +195,19 @@ class TrainConfig(_Frozen):
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping norm (None = off).")
     temperature: float = Field(0.05, gt=0.0, description="InfoNCE temperature on cosine similarity (0.05 = scale 20).")
     gather_across_workers: bool = Field(True, description="Use other workers' in-batch negatives (gradients flow back).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, slower).")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers per expert.")
-    cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, slower).", json_schema_extra=RUNTIME)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per expert.", json_schema_extra=RUNTIME)
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker.", json_schema_extra=RUNTIME)
     use_gpu: bool = Field(False, description="One GPU per worker; bf16 there (fp32 on CPU).")
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="Plain DDP, or DeepSpeed.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (strategy='deepspeed').")
     deepspeed: dict[str, Any] | None = Field(None, description="Extra DeepSpeed config keys merged over the generated one.")
-    checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end) under <run_dir>/train.")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per expert.")
-    max_failures: int = Field(2, ge=0, description="Worker failures tolerated; the run resumes from the last checkpoint.")
-    max_parallel_experts: int | None = Field(None, ge=1, description="Experts trained at once (None = all; Ray queues what does not fit).")
-    evaluate_dev: bool = Field(True, description="Score each expert on its tasks' dev split (NDCG@10) after training.")
-    log_every: int = Field(10, ge=1, description="Log a line every N steps.")
+    checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end) under <run_dir>/train.", json_schema_extra=RUNTIME)
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per expert.", json_schema_extra=RUNTIME)
+    max_failures: int = Field(2, ge=0, description="Worker failures tolerated; the run resumes from the last checkpoint.", json_schema_extra=RUNTIME)
+    max_parallel_experts: int | None = Field(None, ge=1, description="Experts trained at once (None = all; Ray queues what does not fit).", json_schema_extra=RUNTIME)
+    evaluate_dev: bool = Field(True, description="Score each expert on its tasks' dev split (NDCG@10) after training.", json_schema_extra=RUNTIME)
+    log_every: int = Field(10, ge=1, description="Log a line every N steps.", json_schema_extra=RUNTIME)
     seed: int = Field(13, description="Training seed (LoRA init, batch plan, negative and instruction sampling).")
 
     @model_validator(mode="after")
@@ -202,9 +237,9 @@ class SearchConfig(_Frozen):
         "grid", description="Instruction search: 'grid' scores every candidate; 'optuna'/'random' sample num_samples.")
     pool_sizes: list[int] = Field(default_factory=lambda: [1, 10, 20, 50],
                                   description="Training mode (tune-prompts --train): instruction-pool sizes, one expert each.")
-    max_concurrent_trials: int = Field(1, ge=1, description="Trials at once (each merges and/or encodes).")
-    cpus_per_trial: int = Field(1, ge=1, description="CPUs (torch threads) per trial.")
-    gpus_per_trial: float = Field(0.0, ge=0.0, description="GPUs per trial (0 on CPU machines).")
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials at once (each merges and/or encodes).", json_schema_extra=RUNTIME)
+    cpus_per_trial: int = Field(1, ge=1, description="CPUs (torch threads) per trial.", json_schema_extra=RUNTIME)
+    gpus_per_trial: float = Field(0.0, ge=0.0, description="GPUs per trial (0 on CPU machines).", json_schema_extra=RUNTIME)
     dev_max_queries: int | None = Field(200, ge=1, description="Dev queries per task (deterministic subsample).")
     dev_corpus_size: int | None = Field(5000, ge=1, description="Pooled dev corpus size per task; None = full corpus.")
     dev_pool_depth: int = Field(20, ge=0, description="BM25 candidates per dev query put in the pooled corpus.")
@@ -239,8 +274,15 @@ class EvalConfig(_Frozen):
 
     k_values: list[int] = Field(default_factory=lambda: [1, 3, 5, 10, 100], description="Cut-offs for the metrics.")
     top_k: int = Field(100, ge=1, description="Documents retrieved per query.")
-    corpus_chunk_size: int = Field(50_000, ge=1, description="Documents scored at a time (bounds memory).")
+    corpus_chunk_size: int = Field(50_000, ge=1, description="Documents scored at a time (bounds memory).", json_schema_extra=RUNTIME)
     use_mteb: bool = Field(False, description="Also run mteb.evaluate on the same model and task.")
+
+    @field_validator("k_values")
+    @classmethod
+    def _has_10(cls, v: list[int]) -> list[int]:
+        if 10 not in v or any(k < 1 for k in v):
+            raise ValueError("needs 10 (NDCG@10 is every stage's score) and only cut-offs >= 1")
+        return sorted(set(v))
 
 
 class ServeConfig(_Frozen):
@@ -286,10 +328,10 @@ class PipelineConfig(_Frozen):
     """The whole Synthesize-Train-Merge run: one section per stage plus the run directory."""
 
     run_dir: str = Field("runs/default", description="Where every stage writes: a folder, or s3:// / gs:// (the "
-                                                     "pipeline stages it in staging_dir and mirrors it there).")
+                                                     "pipeline stages it in staging_dir and mirrors it there).", json_schema_extra=RUNTIME)
     staging_dir: str | None = Field(None, description="With an s3:// or gs:// run_dir: the folder the stages work in "
                                                       "(a filesystem every node mounts on a multi-node cluster); "
-                                                      "None = $STM_RAY_STAGING or ~/.cache/stm-ray/staging.")
+                                                      "None = $STM_RAY_STAGING or ~/.cache/stm-ray/staging.", json_schema_extra=RUNTIME)
     data: DataConfig = Field(default_factory=DataConfig, description="Tasks and splits.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base retriever.")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthesis.")

@@ -1,19 +1,20 @@
 """The whole Synthesize-Train-Merge loop over one run directory, with a manifest.
 
-Stages, in order (each is the function the stage's own CLI command and job entrypoint call)::
+Stages, in order (each is the library function the stage's own CLI command calls)::
 
-    synthesize     stm_ray.synth.synthesize          <run_dir>/synth/
-    train          stm_ray.train.train_experts       <run_dir>/experts/
-    instructions   stm_ray.search.search_instructions <run_dir>/search/instructions.json
-    merge          stm_ray.search.search_merge       <run_dir>/merged/
-    evaluate       stm_ray.eval.evaluate_tasks       <run_dir>/eval/<base|expert-NAME|merged>/<task>.json
-    serve          stm_ray.serve.start               (only when asked: a long-lived application)
+    synthesize     stm_ray.synth.synthesize            <run_dir>/synth/
+    train          stm_ray.train.train_experts         <run_dir>/experts/
+    instructions   stm_ray.search.search_instructions  <run_dir>/search/instructions.json   (the base model)
+    merge          stm_ray.merge.search_merge          <run_dir>/merged/
+    evaluate       stm_ray.eval.evaluate_models        <run_dir>/eval/<base|expert-NAME|merged>/<task>.json
+    serve          stm_ray.serve.start                 (only when asked: a long-lived application)
 
-``<run_dir>/manifest.json`` records the config, package versions and, per stage, its status
-(pending/running/done/failed/skipped), start time, seconds and counts. Every stage resumes by itself (missing
-shards, unfinished experts, Tune experiments, evaluations without a result file); on top of that a stage whose
-manifest entry is ``done`` under the same config fingerprint is not run again, so rerunning a finished run does
-nothing.
+Every stage follows the stage contract (:mod:`stm_ray.stage`): each output carries the fingerprint of what produced
+it, and a rerun reuses it when the fingerprint matches, redoes it when it does not, resumes it when unfinished.
+The pipeline runs each chosen stage (a stage whose outputs all match returns at once), and ``manifest.json``
+records per stage its status, fingerprint, what the rule decided (``action``: ran / reused / resumed / redone, and
+per output in ``items``), start time, seconds and counts. Change a training field and rerun: the experts, the merge
+and the evaluation of the changed models are redone; synthesis and the base model's evaluation are reused.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stm_ray.config import ConfigError, PipelineConfig
+from stm_ray.config import ConfigError, PipelineConfig, output_values
+from stm_ray.stage import forcing, recording, summarize
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +54,8 @@ def versions() -> dict[str, str]:
 
 
 def config_fingerprint(cfg: PipelineConfig) -> str:
-    """What decides a stage's output: the config without where it lives and how it is served."""
-    data = cfg.model_dump(mode="json", exclude={"run_dir", "staging_dir", "serve"})
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    """The whole config's values that change outputs (for the record; each stage decides by its own fingerprint)."""
+    return hashlib.sha256(json.dumps(output_values(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _now() -> str:
@@ -83,10 +84,6 @@ class Manifest:
     def stage(self, name: str) -> dict[str, Any]:
         return self.data["stages"][name]
 
-    def is_done(self, name: str) -> bool:
-        st = self.stage(name)
-        return st.get("status") == "done" and st.get("fingerprint") == self.fingerprint
-
     def update(self, name: str, **fields: Any) -> None:
         self.data["stages"][name] = {**self.stage(name), **fields}
         self.data["updated"] = _now()
@@ -105,62 +102,59 @@ def _synthesize(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
 
 
 def _train(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
+    from stm_ray.stage import combine
     from stm_ray.train import train_experts
 
     results = train_experts(cfg, show_progress=show_progress)
-    return {"experts": {r.name: {k: v for k, v in asdict(r).items() if k != "name"} for r in results}}
+    return {"experts": {r.name: {k: v for k, v in asdict(r).items() if k != "name"} for r in results},
+            "fingerprint": combine([r.fingerprint for r in results])}
 
 
 def _instructions(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
     from stm_ray.search import search_instructions
 
-    r = search_instructions(cfg, show_progress=show_progress)
+    # the loop tunes the base model: the merge search gives the winner to the merged model
+    r = search_instructions(cfg, model=cfg.model.name_or_path, show_progress=show_progress)
     return {"model": r.model, "instruction": r.instruction, "dev": r.dev, "baseline": r.baseline,
-            "trials": len(r.trials)}
+            "trials": len(r.trials), "fingerprint": r.fingerprint}
 
 
 def _merge(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
-    from stm_ray.search import search_merge
+    from stm_ray.merge import search_merge
 
     r = search_merge(cfg, show_progress=show_progress)
     name, single = r.best_single
     return {"path": r.path, "method": r.method, "weights": r.weights, "density": r.density, "dropped": r.dropped,
             "dev": r.dev, "base_dev": r.base_dev, "experts_dev": r.experts_dev, "trials": len(r.trials),
-            "gain_over_best_single": r.dev["ndcg_at_10"] - single, "best_single": name}
+            "gain_over_best_single": r.dev["ndcg_at_10"] - single, "best_single": name,
+            "fingerprint": r.fingerprint}
 
 
 def models_to_evaluate(cfg: PipelineConfig) -> dict[str, str]:
-    """``{label: model}``: the base, every trained expert and the merged model (those that exist)."""
+    """``{label: model}``: the base, the experts of the run's training and its merged model (when the merge is the
+    one this config and these experts give; an older one is left out, with a warning)."""
+    from stm_ray.merge.search import find_experts, merge_fingerprint, query_instruction_for
+    from stm_ray.train.experts import current_experts
+
     run_dir = Path(cfg.run_dir)
     out = {"base": cfg.model.name_or_path}
-    experts = run_dir / "experts"
-    if experts.is_dir():
-        for d in sorted(p for p in experts.iterdir() if (p / "metrics.json").is_file()):
-            out[f"expert-{d.name}"] = str(d)
-    if (run_dir / "merged").is_dir():
-        out["merged"] = str(run_dir / "merged")
+    out.update({f"expert-{n}": p for n, p in current_experts(run_dir).items()})
+    merged = run_dir / "merged" / "merge.json"
+    if merged.is_file():
+        recorded = json.loads(merged.read_text()).get("fingerprint")
+        current = merge_fingerprint(cfg, find_experts(cfg), query_instruction_for(cfg)).value
+        if recorded == current:
+            out["merged"] = str(run_dir / "merged")
+        else:
+            log.warning("merged/ was made under another config or other experts (fingerprint %s, now %s): not "
+                        "evaluated; run the merge stage", recorded, current)
     return out
 
 
 def _evaluate(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
-    from stm_ray.eval import evaluate_tasks
-    from stm_ray.eval.evaluate import result_path
+    from stm_ray.eval import evaluate_models
 
-    table: dict[str, dict[str, float]] = {}
-    for label, model in models_to_evaluate(cfg).items():
-        out = Path(cfg.run_dir) / "eval" / label  # a folder: <task>.json per task
-        paths = {t: result_path(out, t) for t in cfg.data.tasks}
-        todo = [t for t, p in paths.items() if not p.is_file()]
-        if todo:
-            log.info("evaluate %s (%s) on %s/%s", label, model, ",".join(todo), cfg.data.test_split)
-            evaluate_tasks(cfg, model=model, tasks=todo, output=out, show_progress=show_progress)
-        table[label] = {}
-        for t, p in paths.items():
-            res = json.loads(p.read_text(encoding="utf-8"))
-            table[label][t] = res["scores"][cfg.data.test_split][0]["ndcg_at_10"]
-        table[label]["mean"] = sum(table[label][t] for t in cfg.data.tasks) / len(cfg.data.tasks)
-        log.info("NDCG@10 %s: %s", label, ", ".join(f"{k} {v:.4f}" for k, v in table[label].items()))
-    return {"split": cfg.data.test_split, "ndcg_at_10": table}
+    return evaluate_models(cfg, models_to_evaluate(cfg), show_progress=show_progress)
 
 
 RUNNERS: dict[str, Callable[[PipelineConfig, bool], dict[str, Any]]] = {
@@ -174,8 +168,8 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
                  show_progress: bool = True) -> dict[str, Any]:
     """Run the stages of the loop in order over ``cfg.run_dir``; returns the manifest (also on disk).
 
-    ``stages`` picks a subset (in loop order), ``skip`` leaves some out, ``force`` reruns stages the manifest says
-    are done (each stage still resumes from what is on disk), ``serve`` deploys the merged model on Ray Serve at
+    ``stages`` picks a subset (in loop order), ``skip`` leaves some out, ``force`` redoes every output of the chosen
+    stages even when its fingerprint matches, ``serve`` deploys the merged model on Ray Serve at
     the end (``corpus``: index that task for /search).
     """
     unknown = [s for s in (stages or []) + (skip or []) if s not in ALL_STAGES]
@@ -211,27 +205,27 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
     t_all = time.perf_counter()
     for i, name in enumerate(chosen, start=1):
         head = f"[{i}/{len(chosen)}] {name}"
-        if name != "serve" and manifest.is_done(name) and not force:
-            log.info("%s: done in an earlier run (%s); skipped", head, manifest.path)
-            continue
         log.info("%s: started", head)
         t0 = time.perf_counter()
-        manifest.update(name, status="running", started=_now(), fingerprint=manifest.fingerprint, error=None)
+        manifest.update(name, status="running", started=_now(), error=None)
         try:
-            if name == "serve":
-                counts = serve_run(cfg, corpus, show_progress)
-            else:
-                counts = RUNNERS[name](cfg, show_progress)
+            with forcing(force), recording() as decisions:
+                if name == "serve":
+                    counts = serve_run(cfg, corpus, show_progress)
+                else:
+                    counts = RUNNERS[name](cfg, show_progress)
         except BaseException as e:
             manifest.update(name, status="failed", seconds=round(time.perf_counter() - t0, 2),
                             error=f"{type(e).__name__}: {e}"[:2000])
             log.error("%s: failed after %.0f s: %s", head, time.perf_counter() - t0, e)
             sync()
             raise
+        action = summarize(decisions)
         manifest.update(name, status="done", seconds=round(time.perf_counter() - t0, 2), finished=_now(),
-                        counts=counts)
+                        fingerprint=counts.get("fingerprint"), action=action,
+                        items=[d.as_dict() for d in decisions], counts=counts)
         sync()
-        log.info("%s: done in %.0f s", head, time.perf_counter() - t0)
+        log.info("%s: done in %.0f s (%s)", head, time.perf_counter() - t0, action)
     try:
         from stm_ray.report import write_report
 
@@ -253,19 +247,3 @@ def serve_run(cfg: PipelineConfig, corpus: str | None, show_progress: bool = Tru
     target = cfg.run_dir if (Path(cfg.run_dir) / "merged").is_dir() else cfg.model.name_or_path
     info = start(cfg, target, corpus, show_progress=show_progress, address=os.environ.get("RAY_ADDRESS") or None)
     return {"url": info["url"], "model": info["args"]["model_name"], "corpus": corpus}
-
-
-def pipeline_table(manifest: dict[str, Any], *, ndcg: bool = True) -> str:
-    """Per stage: status and seconds; then (``ndcg``) NDCG@10 on the test split per model, when evaluated."""
-    from stm_ray.eval.evaluate import format_table
-
-    rows = [{"stage": n, "status": s.get("status", ""), "seconds": s.get("seconds", "")}
-            for n, s in manifest["stages"].items()]
-    out = format_table(rows, ["stage", "status", "seconds"], floatfmt="{:.1f}")
-    ev = (manifest["stages"].get("evaluate") or {}).get("counts") or {}
-    if ndcg and ev.get("ndcg_at_10"):
-        table = ev["ndcg_at_10"]
-        cols = list(next(iter(table.values())))
-        erows = [{"model": label, **scores} for label, scores in table.items()]
-        out += f"\n\nNDCG@10 ({ev['split']} split):\n" + format_table(erows, ["model", *cols])
-    return out

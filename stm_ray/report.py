@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from stm_ray.tables import format_table
 from stm_ray.utils import atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)
@@ -154,13 +155,23 @@ def _throughput_plot(synth: dict[str, Any] | None, experts: dict[str, dict[str, 
     return True
 
 
-def _md_table(rows: list[list[Any]], header: list[str]) -> str:
-    def cell(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+def pipeline_table(manifest: dict[str, Any], *, ndcg: bool = True) -> str:
+    """Per stage: status, what the rerun rule decided (ran / reused / redone / resumed) and seconds; then
+    (``ndcg``) NDCG@10 on the test split per model, when evaluated."""
+    rows = [{"stage": n, "status": s.get("status", ""), "action": s.get("action", ""), "seconds": s.get("seconds", "")}
+            for n, s in manifest["stages"].items()]
+    out = format_table(rows, ["stage", "status", "action", "seconds"], floatfmt="{:.1f}")
+    ev = (manifest["stages"].get("evaluate") or {}).get("counts") or {}
+    if ndcg and ev.get("ndcg_at_10"):
+        table = ev["ndcg_at_10"]
+        cols = list(next(iter(table.values())))
+        erows = [{"model": label, **scores} for label, scores in table.items()]
+        out += f"\n\nNDCG@10 ({ev['split']} split):\n" + format_table(erows, ["model", *cols])
+    return out
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
+
+def _md_table(rows: list[list[Any]], header: list[str]) -> str:
+    return format_table([dict(zip(header, r)) for r in rows], header)
 
 
 def summary_rows(tasks: list[str], table: dict[str, dict[str, float]]) -> tuple[list[str], list[list[Any]]]:
@@ -180,8 +191,6 @@ def write_report(run_dir: str | Path) -> Path:
     manifest = _load(run_dir / "manifest.json")
     if manifest is None:
         raise FileNotFoundError(f"{run_dir}/manifest.json not found: is this a run directory of stm-ray run/demo?")
-    from stm_ray.pipeline import pipeline_table
-
     stages = manifest.get("stages") or {}
     cfg = manifest.get("config") or {}
     plots = run_dir / "report"

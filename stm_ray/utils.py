@@ -94,14 +94,31 @@ def init_local_ray(num_cpus: int | None = None, **kwargs: Any):
     """Start (or join) a single-machine Ray bound to 127.0.0.1 only.
 
     On Linux, Ray resolves even ``127.0.0.1`` to the machine's primary address, so a laptop run would listen on
-    the network. Ray keeps everything on loopback when its cluster mode is off, which the variable below does;
-    it must be set before ``ray`` is first imported, hence this helper.
+    the network. Ray keeps everything on loopback when its cluster mode is off, which ``import stm_ray`` sets before
+    ``ray`` can be imported (see ``stm_ray/__init__.py``); this warns when the caller imported ray first.
     """
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return ray
+    if not os.environ.get("RAY_ADDRESS"):
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            log.warning("ray was imported before stm_ray, so this local Ray listens on the machine's network address: "
+                        "import stm_ray first, or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before starting Python")
     kwargs.setdefault("include_dashboard", False)
     ray.init(num_cpus=num_cpus, **kwargs)
     return ray
+
+
+def join_cluster_env(address: str) -> None:
+    """Before ``ray`` is imported: let this process join the cluster at ``address`` (undo the loopback setting
+    ``import stm_ray`` made for a local Ray; a driver joining a cluster needs its own address)."""
+    import sys
+
+    from stm_ray import LOOPBACK_ENV
+
+    if "ray" not in sys.modules and os.environ.pop("STM_RAY_SET_LOOPBACK", None):
+        os.environ.pop(LOOPBACK_ENV, None)
+    os.environ["RAY_ADDRESS"] = address

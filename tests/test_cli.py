@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +44,38 @@ def test_demo_config_is_two_clinical_areas_offline():
     assert "demo.yaml" in build_parser()._subparsers._group_actions[0].choices["demo"].format_help()
 
 
+# The demo's own config, shrunk to minutes: two small clinical areas (401 and 471 codes, 39 and 37 test queries), few
+# rows, BM25 mining only (dense mining is tests/test_synth_ray.py's), four LLM negatives per area, two trials per search. The real engine (SmolLM2 on vLLM) and the real MiniLM.
+DEMO_SMALL = ["data.tasks=[icd10:3,icd10:10]", "synth.miners=[bm25]", "synth.max_rows=48", "synth.synthetic_max_rows=4",
+              "synth.max_new_tokens=32", "synth.instruction_pool_size=1", "train.batch_size=16",
+              "search.num_samples=2", "search.dev_max_queries=20", "search.dev_corpus_size=200", "merge.num_samples=2"]
+
+
+def test_demo_command_runs_the_main_job_and_prints_the_table(tmp_path):
+    """`stm-ray demo` itself, as a user runs it (its own process, its own local Ray), on the built-in config."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "stm_ray.cli", "demo", "--no-progress", "--run-dir",
+                           str(tmp_path / "run"), *DEMO_SMALL], capture_output=True, text=True, timeout=1200, env=env)
+    out = proc.stdout
+    assert proc.returncode == 0, (out + proc.stderr)[-6000:]
+    table = out[out.index("NDCG@10 on the test split:"):]
+    header = table.splitlines()[1]
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[:2] == ["task", "base"] and cols[-1] == "merged"
+    assert sorted(cols[2:-1]) == ["expert-icd10-10", "expert-icd10-3"]
+    rows = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:-1]] for line in table.splitlines()[3:6]}
+    assert set(rows) == {"ICD-10 ch. 3", "ICD-10 ch. 10", "mean"}
+    assert all(0.0 < v <= 1.0 for vs in rows.values() for v in vs)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert all(manifest["stages"][n]["action"] == "ran" for n in ("synthesize", "train", "merge", "evaluate"))
+    synth = manifest["stages"]["synthesize"]["counts"]
+    assert synth["synthetic_generated"] == 8 and synth["drops_by_reason"]["engine_error"] == 0 and synth["gen_tokens"]
+    assert (tmp_path / "run" / "report.md").is_file() and "report:" in out
+
+
 @pytest.mark.slow
 def test_demo_runs_the_whole_loop_and_prints_the_table(tmp_path, capsys):
     assert main(["demo", "--no-progress", "--run-dir", str(tmp_path / "run")]) == 0
@@ -52,23 +86,44 @@ def test_demo_runs_the_whole_loop_and_prints_the_table(tmp_path, capsys):
     assert (tmp_path / "run" / "report" / "merge_trials.png").is_file()
 
 
-def test_job_entrypoint_evaluates_every_configured_task(tiny_bert_dir, tiny_beir, tmp_path, capsys):
-    import importlib.util
-    import json
-    from pathlib import Path
+REPO = Path(__file__).resolve().parents[1]
 
-    path = Path(__file__).resolve().parents[1] / "jobs" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("job_evaluate", path)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+
+def _job(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, str(REPO / "jobs" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def test_job_entrypoint_evaluates_every_configured_task(tiny_bert_dir, tiny_beir, tmp_path):
+    import json
+
     run = tmp_path / "run"
-    assert job.main([str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "local.yaml"),
-                     f"run_dir={run}", f"model.name_or_path={tiny_bert_dir}",
-                     f"data.tasks=['beir:{tiny_beir}', 'icd10:22']"]) == 0
-    assert "NDCG@10" in capsys.readouterr().out
-    files = sorted(p.name for p in (run / "eval").glob("*.json"))
+    proc = _job("evaluate.py", "jobs/configs/local.yaml", f"run_dir={run}", f"model.name_or_path={tiny_bert_dir}",
+                f"data.tasks=['beir:{tiny_beir}', 'icd10:22']")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NDCG@10" in proc.stdout and "evaluate" in proc.stdout
+    files = sorted(p.name for p in (run / "eval" / "base").glob("*.json"))
     assert len(files) == 2 and files[1] == "icd10_22.json"
-    assert "ndcg_at_10" in json.loads((run / "eval" / "icd10_22.json").read_text())["scores"]["test"][0]
+    assert "ndcg_at_10" in json.loads((run / "eval" / "base" / "icd10_22.json").read_text())["scores"]["test"][0]
+    assert json.loads((run / "manifest.json").read_text())["stages"]["evaluate"]["status"] == "done"
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in (REPO / "jobs").glob("*.py")))
+def test_jobs_are_the_clis_entry(job, tmp_path):
+    """A job is `stm-ray run` with its stage: the CLI's checks and one-line errors (exit 2), not a traceback, and
+    nothing of its own (it imports the CLI's entry only)."""
+    import ast
+
+    tree = ast.parse((REPO / "jobs" / job).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module.startswith("stm_ray")}
+    assert imported == {"stm_ray.cli"}
+    proc = _job(job, str(tmp_path / "missing.yaml"), timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(f"config file not found: {tmp_path / 'missing.yaml'}")
+    assert "Traceback" not in proc.stderr
+    proc = _job(job, "jobs/configs/local.yaml", "train.lora.r=abc", timeout=120)
+    assert proc.returncode == 2 and "train.lora.r: Input should be a valid integer" in proc.stderr
 
 
 def test_train_command_trains_and_prints_summary(ray_local, tiny_bert_dir, beir_train_dev, tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -191,16 +192,38 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, two_tasks, tiny_bert_dir, tm
         assert len(list((run / "eval" / label).glob("*.json"))) == 2
     # the report: the headline table, the merge winner, throughput, and its three plots (non-empty PNGs)
     report = (run / "report.md").read_text()
-    assert "| mean |" in report and "expert-" in report and "Winner:" in report and "samples/s" in report
+    assert re.search(r"\| mean +\|", report) and "expert-" in report and "Winner:" in report and "samples/s" in report
     for png in ("ndcg_per_task", "merge_trials", "throughput"):
         assert f"report/{png}.png" in report
         assert (run / "report" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # resubmitting the finished run does nothing: every stage is skipped
+    # resubmitting the finished run does nothing: every stage reuses its outputs (same fingerprints)
     sub2 = sub_id + "-again"
     _submit(address, env, sub2, overrides, wait=True)
     logs2 = _ray("job", "logs", "--address", address, sub2, env=env).stdout
-    assert logs2.count("done in an earlier run") == 5, logs2[-3000:]
+    assert logs2.count("(reused)") == 5, logs2[-3000:]
+    again = json.loads((run / "manifest.json").read_text())
+    assert [again["stages"][n]["action"] for n in ("synthesize", "train", "instructions", "merge", "evaluate")] == [
+        "reused"] * 5
+
+    # The stage contract, one rule everywhere: a training field redoes the experts, the merge and the evaluations
+    # of the changed models; synthesis, the base model's instruction search and its evaluation are reused.
+    shards = {p: p.stat().st_mtime_ns for p in (run / "synth").rglob("part-*.parquet")}
+    _submit(address, env, sub_id + "-lr", [*overrides, "train.learning_rate=0.001"], wait=True)
+    lr = json.loads((run / "manifest.json").read_text())
+    acts = {n: lr["stages"][n]["action"] for n in ("synthesize", "train", "instructions", "merge", "evaluate")}
+    assert acts["synthesize"] == acts["instructions"] == "reused" and acts["train"] == acts["merge"] == "redone", acts
+    items = {i["item"]: i["action"] for i in lr["stages"]["evaluate"]["items"]}
+    assert {k.split(" on ")[0] for k, a in items.items() if a == "reuse"} == {"base"}
+    assert {k.split(" on ")[0] for k, a in items.items() if a == "redo"} == {
+        "merged", *(f"expert-{n}" for n in lr["stages"]["train"]["counts"]["experts"])}
+    assert all(any(c.startswith("train.learning_rate: ") for c in i["changed"]) for i in lr["stages"]["train"]["items"])
+    assert {p: p.stat().st_mtime_ns for p in shards} == shards  # synthesis wrote nothing
+    # an evaluation field: evaluation only
+    _submit(address, env, sub_id + "-k", [*overrides, "train.learning_rate=0.001", "eval.top_k=20"], wait=True)
+    ev = json.loads((run / "manifest.json").read_text())
+    assert {n: ev["stages"][n]["action"] for n in ("synthesize", "train", "instructions", "merge", "evaluate")} == {
+        "synthesize": "reused", "train": "reused", "instructions": "reused", "merge": "reused", "evaluate": "redone"}
 
 
 @pytest.mark.slow

@@ -91,7 +91,10 @@ import numpy as np
 from vllm import LLM
 from sentence_transformers import SentenceTransformer
 path, texts = sys.argv[1], ["asthma in children", "femur fracture of the left leg"]
-llm = LLM(model=path, runner="pooling", enforce_eager=True, gpu_memory_utilization=0.05, max_model_len=64)
+from stm_ray.modeling.vllm_engine import cpu_engine_kwargs
+kw = cpu_engine_kwargs(path, max_model_len=64, max_num_seqs=8, kv_cache_gib=None, field="kv_cache_gib")
+assert "gpu_memory_utilization" not in kw and kw["kv_cache_memory_bytes"] > 0
+llm = LLM(model=path, runner="pooling", **kw)
 v = np.array([o.outputs.embedding for o in llm.embed(texts)])
 s = SentenceTransformer(path, device="cpu").encode(texts)
 print("RESULT", json.dumps({"shape": list(v.shape), "max_diff": float(np.abs(v - s).max())}))

@@ -5,6 +5,7 @@ whole loop on a real Ray head is tests/test_jobs.py."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,28 +22,40 @@ def _cfg(run_dir: str, tiny_beir: Path, model: str, *extra: str):
 
 def test_evaluate_stage_manifest_and_rerun(tmp_path, tiny_beir, tiny_bert_dir):
     from stm_ray.eval.evaluate import result_path
-    from stm_ray.pipeline import pipeline_table, run_pipeline
+    from stm_ray.pipeline import run_pipeline
+    from stm_ray.report import pipeline_table
 
     cfg = _cfg(str(tmp_path / "run"), tiny_beir, tiny_bert_dir)
     m = run_pipeline(cfg, stages=["evaluate"], show_progress=False)
     st = m["stages"]
-    assert st["evaluate"]["status"] == "done" and st["evaluate"]["seconds"] >= 0
+    assert st["evaluate"]["status"] == "done" and st["evaluate"]["action"] == "ran"
     assert [st[n]["status"] for n in ("synthesize", "train", "instructions", "merge")] == ["skipped"] * 4
     ndcg = st["evaluate"]["counts"]["ndcg_at_10"]["base"]
-    result = json.loads(result_path(tmp_path / "run" / "eval" / "base", f"beir:{tiny_beir}").read_text())
+    path = result_path(tmp_path / "run" / "eval" / "base", f"beir:{tiny_beir}")
+    result = json.loads(path.read_text())
     assert ndcg[f"beir:{tiny_beir}"] == result["scores"]["test"][0]["ndcg_at_10"]
+    assert result["stm_ray"]["fingerprint"] == st["evaluate"]["items"][0]["fingerprint"]
     on_disk = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert on_disk["stages"]["evaluate"]["status"] == "done" and on_disk["versions"]["torch"]
     assert on_disk["config"]["model"]["name_or_path"] == tiny_bert_dir
-    assert "base" in pipeline_table(on_disk)
+    assert "base" in pipeline_table(on_disk) and "ran" in pipeline_table(on_disk)
 
-    before = (tmp_path / "run" / "manifest.json").read_text()
-    again = run_pipeline(cfg, stages=["evaluate"], show_progress=False)  # done: nothing runs
-    assert again["stages"]["evaluate"]["finished"] == json.loads(before)["stages"]["evaluate"]["finished"]
-    # another config: the stage runs again (its results are on disk, so evaluation is not redone)
-    other = _cfg(str(tmp_path / "run"), tiny_beir, tiny_bert_dir, "eval.top_k=50")
-    third = run_pipeline(other, stages=["evaluate"], show_progress=False)
-    assert third["fingerprint"] != again["fingerprint"] and third["stages"]["evaluate"]["status"] == "done"
+    again = run_pipeline(cfg, stages=["evaluate"], show_progress=False)  # same fingerprint: reused, not rewritten
+    assert again["stages"]["evaluate"]["action"] == "reused" and json.loads(path.read_text()) == result
+    # a field that does not change outputs: still reused
+    runtime = run_pipeline(_cfg(str(tmp_path / "run"), tiny_beir, tiny_bert_dir, "eval.corpus_chunk_size=3"),
+                           stages=["evaluate"], show_progress=False)
+    assert runtime["stages"]["evaluate"]["action"] == "reused"
+    # an evaluation field: redone, and the file holds the new config's numbers (no Recall@100 any more)
+    other = run_pipeline(_cfg(str(tmp_path / "run"), tiny_beir, tiny_bert_dir, "eval.k_values=[1,10]"),
+                         stages=["evaluate"], show_progress=False)
+    item = other["stages"]["evaluate"]["items"][0]
+    assert item["action"] == "redo" and item["changed"] == ["eval.k_values: [1, 3, 5, 10, 100] -> [1, 10]"]
+    assert "recall_at_100" not in json.loads(path.read_text())["scores"]["test"][0]
+    # --force redoes an output whose fingerprint matches
+    forced = run_pipeline(_cfg(str(tmp_path / "run"), tiny_beir, tiny_bert_dir, "eval.k_values=[1,10]"),
+                          stages=["evaluate"], force=True, show_progress=False)
+    assert forced["stages"]["evaluate"]["action"] == "redone"
 
 
 def test_report_is_written_and_regenerated(tmp_path, tiny_beir, tiny_bert_dir, capsys):
@@ -55,7 +68,7 @@ def test_report_is_written_and_regenerated(tmp_path, tiny_beir, tiny_bert_dir, c
     m = run_pipeline(_cfg(str(run), tiny_beir, tiny_bert_dir), stages=["evaluate"], show_progress=False)
     text = (run / "report.md").read_text()
     ndcg = m["stages"]["evaluate"]["counts"]["ndcg_at_10"]["base"]["mean"]
-    assert f"| mean | {ndcg:.4f} |" in text and "No merge yet." in text
+    assert re.search(rf"\| mean +\| {ndcg:.4f} +\|", text) and "No merge yet." in text
     assert (run / "report" / "ndcg_per_task.png").stat().st_size > 1000
     (run / "report.md").unlink()
     assert main(["report", str(run)]) == 0
@@ -101,7 +114,7 @@ def test_remote_run_dir_is_staged_pulled_and_pushed(tmp_path, tiny_beir, tiny_be
     # a fresh machine (empty staging) resumes from the bucket: the finished stage is not run again
     fresh = tmp_path / "staging2"
     again = run_pipeline(cfg.model_copy(update={"staging_dir": str(fresh)}), stages=["evaluate"], show_progress=False)
-    assert again["stages"]["evaluate"]["finished"] == m["stages"]["evaluate"]["finished"]
+    assert again["stages"]["evaluate"]["action"] == "reused"
     assert (staging_path(uri, str(fresh)) / "eval" / "base").is_dir()
 
 
@@ -136,3 +149,4 @@ def test_run_help_names_the_stages_and_manifest():
     assert proc.returncode == 0
     for word in ("manifest.json", "--stages", "--skip", "--serve", "jobs/pipeline.py"):
         assert word in proc.stdout
+

@@ -36,7 +36,7 @@ def merge_run(tmp_path, tiny_bert_dir, beir_train_dev):
 def test_grid_merge_search_writes_the_winner(ray_local, merge_run):
     from sentence_transformers import SentenceTransformer
 
-    from stm_ray.search import merge_table, search_merge
+    from stm_ray.merge import merge_table, search_merge
 
     run, over = merge_run
     cfg = load_config(None, [*over, "merge.searcher=grid", "merge.methods=[linear,ties]"])
@@ -73,7 +73,7 @@ def test_grid_merge_search_writes_the_winner(ray_local, merge_run):
 
 
 def test_optuna_merge_search_samples_the_space(ray_local, merge_run):
-    from stm_ray.search import search_merge
+    from stm_ray.merge import search_merge
 
     run, over = merge_run
     cfg = load_config(None, [*over, "merge.searcher=optuna", "merge.num_samples=5",
@@ -88,7 +88,7 @@ def test_optuna_merge_search_samples_the_space(ray_local, merge_run):
 
 def test_unknown_expert_is_a_clear_error(merge_run):
     from stm_ray.data import DataError
-    from stm_ray.search import search_merge
+    from stm_ray.merge import search_merge
 
     run, over = merge_run
     with pytest.raises(DataError, match=r"merge.experts: \['gamma'\] not found.*finished experts: \['alpha', 'beta'\]"):
@@ -132,6 +132,7 @@ def test_instruction_search_scores_every_candidate_and_saves_the_winner(ray_loca
     assert "(none)" in instruction_table(res, top=50)
 
 
+@pytest.mark.slow  # ~1 min (a Ray Train run per pool size inside Tune); slow tier keeps the fast one under 25 min
 def test_pool_size_search_trains_one_expert_per_size(ray_local, tmp_path, tiny_bert_dir, beir_train_dev):
     from stm_ray.search import search_pool_size
     from tests.conftest import make_shards
@@ -151,8 +152,11 @@ def test_pool_size_search_trains_one_expert_per_size(ray_local, tmp_path, tiny_b
         assert len(m["config"]["train"]["instruction_pool"]) == r["pool_size"]
     assert out["best"]["pool_size"] in (1, 3)
     assert json.loads((run / "search" / "instruction_pools.json").read_text())["best"] == out["best"]
+    again = search_pool_size(cfg, shards=str(shards), show_progress=False)  # same fingerprint: reused
+    assert again["fingerprint"] == out["fingerprint"] and again["trials"] == out["trials"]
 
 
+@pytest.mark.slow  # ~2 min, and timing-sensitive on a loaded 2-core machine; the slow tier runs it
 def test_killed_merge_search_resumes_its_tune_experiment(tmp_path, tiny_bert_dir, beir_train_dev):
     import os
     import signal

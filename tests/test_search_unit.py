@@ -8,9 +8,9 @@ import pytest
 
 from stm_ray.config import load_config
 from stm_ray.data import RetrievalSplit
+from stm_ray.merge.search import _grid_points, _read_point
 from stm_ray.modeling import instruction_prefix
 from stm_ray.search.dev import pooled_split
-from stm_ray.search.merge_search import _grid_points, _read_point
 
 
 def test_instruction_prefix():

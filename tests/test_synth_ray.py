@@ -96,14 +96,18 @@ def test_synthesize_writes_mined_and_synthetic_negatives(ray_local, tiny_llama_d
     # the counts travel with each shard
     assert sum(json.loads(pq.read_schema(f).metadata[b"stm_ray.stats"])["rows"] for f in out.rglob("part-*.parquet")) == 8
 
-    # a rerun has nothing to do; a changed synthesis config is refused
-    again = synthesize(cfg, show_progress=False)
-    assert again.shards_written == 0 and again.shards_skipped == 3 and again.rows == 8
-    from stm_ray.config import ConfigError
-
-    with pytest.raises(ConfigError, match="another synthesis config"):
-        synthesize(load_config(None, _overrides(tmp_path, beir_train_dev, tiny_llama_dir, tiny_bert_dir,
-                                                "synth.shard_size=3", "synth.temperature=0.3")), show_progress=False)
+    # a rerun has nothing to do, also with another concurrency (it does not change outputs)
+    again = synthesize(cfg.model_copy(update={"synth": cfg.synth.model_copy(update={"concurrency": (1, 2)})}),
+                       show_progress=False)
+    assert again.reused and again.shards_written == 0 and again.rows == 8 and again.fingerprint == res.fingerprint
+    # a changed synthesis field redoes the shards (here: mined negatives only), never reuses them silently
+    other = synthesize(load_config(None, _overrides(tmp_path, beir_train_dev, tiny_llama_dir, tiny_bert_dir,
+                                                    "synth.shard_size=4", "synth.synthetic_per_query=0",
+                                                    "synth.instruction_pool_size=0")), show_progress=False)
+    assert not other.reused and other.fingerprint != res.fingerprint and other.shards == other.shards_written == 2
+    rows = _check_shards(out, {(f"q{i}", f"d{i}") for i in range(1, 9)})
+    assert not any("synthetic" in r["negative_sources"] for r in rows)
+    assert json.loads((out / "manifest.json").read_text())["fingerprint"] == other.fingerprint
 
 
 def _cli(args: list[str], log_path: Path) -> subprocess.Popen:

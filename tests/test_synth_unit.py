@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from stm_ray.data.instructions import task_instruction
 from stm_ray.synth.checks import check_negative, clean_text
-from stm_ray.synth.prompts import clean_instruction, negative_messages, task_instruction
+from stm_ray.synth.prompts import clean_instruction, negative_messages
 
 Q = "broken thigh bone"
 P = "S72.001A Fracture of unspecified part of neck of right femur, initial encounter for closed fracture"

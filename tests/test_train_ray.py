@@ -97,6 +97,7 @@ def _worker_pids() -> list[int]:
     return [a["Pid"] for a in actors().values() if a.get("ActorClassName") == "RayTrainWorker" and a.get("State") == "ALIVE"]
 
 
+@pytest.mark.slow  # ~1.5 min; the slow tier runs it (the fast tier stays under 25 min on 2 cores)
 def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_bert_dir, beir_train_dev, tmp_path):
     from stm_ray.train import train_experts
 

@@ -83,3 +83,25 @@ def load_task(spec: str, strict: bool = False) -> RetrievalTask:
     if kind not in TASKS:
         raise DataError(f"unknown task {spec!r}; valid forms: icd10, icd10:CHAPTERS, beir:DIR, mteb:TaskName")
     return TASKS[kind](arg or None, strict)
+
+
+def task_fingerprint(spec: str) -> str:
+    """Identifies a task's data without loading it (an input fingerprint of every stage that reads tasks): a BEIR
+    folder by its files' names, sizes and modification times; built-in and mteb tasks by their package versions."""
+    import hashlib
+    from importlib import metadata
+    from pathlib import Path
+
+    kind, _, arg = spec.partition(":")
+    h = hashlib.sha256(spec.encode())
+    if kind == "beir" and arg and Path(arg).is_dir():
+        for f in sorted(p for p in Path(arg).rglob("*") if p.is_file() and p.suffix in (".jsonl", ".tsv", ".json")):
+            st = f.stat()
+            h.update(f"|{f.relative_to(arg).as_posix()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        package = {"icd10": "simple-icd-10-cm", "mteb": "mteb"}.get(kind)
+        try:
+            h.update(f"|{package}={metadata.version(package)}".encode() if package else b"")
+        except metadata.PackageNotFoundError:
+            pass
+    return h.hexdigest()[:16]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ from typing import Any
 from stm_ray.data import RetrievalSplit, RetrievalTask, load_task
 from stm_ray.eval.metrics import evaluate_run
 from stm_ray.eval.search import exact_search, to_run
+from stm_ray.stage import Fingerprint, decide, fingerprint
+from stm_ray.tables import format_table
 from stm_ray.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -66,9 +69,11 @@ def evaluate_split(embedder, split: RetrievalSplit, *, k_values=(1, 3, 5, 10, 10
 
 def evaluate(model, task: str | RetrievalTask, split: str = "test", *, model_cfg=None, eval_cfg=None,
              strict: bool = False, max_queries: int | None = None, use_mteb: bool | None = None,
-             output: str | Path | None = None, show_progress: bool = True) -> EvalResult:
+             output: str | Path | None = None, show_progress: bool = True,
+             record: dict[str, Any] | None = None) -> EvalResult:
     """Evaluate one task split. ``model`` is an Embedder, a folder, a hub id or an alias; ``task`` a spec or a
-    task already loaded (so callers that need its tables too load it once)."""
+    task already loaded (so callers that need its tables too load it once). ``record`` (a fingerprint record) goes
+    into the output file's ``stm_ray`` section."""
     from stm_ray.config import EvalConfig, ModelConfig
     from stm_ray.modeling import Embedder
 
@@ -89,7 +94,9 @@ def evaluate(model, task: str | RetrievalTask, split: str = "test", *, model_cfg
 
         res.mteb_scores = mteb_scores(model, sp)
     if output:
-        atomic_write_json(output, res.to_mteb_json())
+        doc = res.to_mteb_json()
+        doc["stm_ray"].update(record or {})
+        atomic_write_json(output, doc)
     return res
 
 
@@ -103,7 +110,8 @@ def result_path(output: str | Path, task: str, n_tasks: int = 1) -> Path:
 
 def evaluate_tasks(cfg, *, model: str | None = None, tasks: list[str] | None = None, split: str | None = None,
                    output: str | Path | None = None, max_queries: int | None = None, use_mteb: bool | None = None,
-                   strict: bool | None = None, show_progress: bool = True) -> list[EvalResult]:
+                   strict: bool | None = None, show_progress: bool = True,
+                   records: dict[str, dict[str, Any]] | None = None) -> list[EvalResult]:
     """The evaluate stage over a :class:`PipelineConfig`: one model (loaded once) on every configured task.
 
     Arguments left as None come from the config (``model.name_or_path``, ``data.tasks``, ``data.test_split``, ...).
@@ -119,10 +127,55 @@ def evaluate_tasks(cfg, *, model: str | None = None, tasks: list[str] | None = N
         results.append(evaluate(emb, task, split or cfg.data.test_split, eval_cfg=cfg.eval,
                                 strict=cfg.data.strict if strict is None else strict,
                                 max_queries=max_queries or cfg.data.max_queries, use_mteb=use_mteb, output=out,
-                                show_progress=show_progress))
+                                show_progress=show_progress, record=(records or {}).get(task)))
         if out:
             log.info("wrote %s", out)
     return results
+
+
+def evaluation_fingerprint(cfg, model: str, task: str) -> Fingerprint:
+    """An evaluation file's fingerprint (the stage contract): what evaluation reads of the config, the model (by
+    :func:`~stm_ray.modeling.model_fingerprint`) and the task's data."""
+    from stm_ray.data import task_fingerprint
+    from stm_ray.modeling import model_fingerprint
+
+    return fingerprint("evaluate", cfg, {"model": model_fingerprint(model), "task": task,
+                                         "data": task_fingerprint(task)})
+
+
+def evaluate_models(cfg, models: dict[str, str], *, show_progress: bool = True) -> dict[str, Any]:
+    """The evaluate stage of the loop: every model of ``models`` ({label: model}) on every task of ``data.tasks``
+    (test split), one mteb-format file each under ``<run_dir>/eval/<label>/<task>.json``. Each file is reused when
+    its fingerprint matches and redone otherwise. Returns ``{"split", "ndcg_at_10": {label: {task: v, "mean": m}},
+    "fingerprint"}``."""
+    from stm_ray.stage import combine
+
+    table: dict[str, dict[str, float]] = {}
+    fps = []
+    for label, model in models.items():
+        out = Path(cfg.run_dir) / "eval" / label  # a folder: <task>.json per task
+        paths = {t: result_path(out, t) for t in cfg.data.tasks}
+        records, todo = {}, []
+        for t, p in paths.items():
+            fp = evaluation_fingerprint(cfg, model, t)
+            fps.append(fp.value)
+            try:
+                prev = json.loads(p.read_text(encoding="utf-8")).get("stm_ray")
+            except (OSError, ValueError):
+                prev = None
+            if decide(fp, f"{label} on {t}", prev, complete=True, where=str(p)).action != "reuse":
+                todo.append(t)
+                records[t] = fp.record()
+        if todo:
+            log.info("evaluate %s (%s) on %s/%s", label, model, ",".join(todo), cfg.data.test_split)
+            evaluate_tasks(cfg, model=model, tasks=todo, output=out, show_progress=show_progress, records=records)
+        table[label] = {}
+        for t, p in paths.items():
+            res = json.loads(p.read_text(encoding="utf-8"))
+            table[label][t] = res["scores"][cfg.data.test_split][0]["ndcg_at_10"]
+        table[label]["mean"] = sum(table[label][t] for t in cfg.data.tasks) / len(cfg.data.tasks)
+        log.info("NDCG@10 %s: %s", label, ", ".join(f"{k} {v:.4f}" for k, v in table[label].items()))
+    return {"split": cfg.data.test_split, "ndcg_at_10": table, "fingerprint": combine(fps)}
 
 
 def results_table(results: list[EvalResult]) -> str:
@@ -137,13 +190,3 @@ def results_table(results: list[EvalResult]) -> str:
         rows.append(row)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     return format_table(rows, columns)
-
-
-def format_table(rows: list[dict[str, Any]], columns: list[str], floatfmt: str = "{:.4f}") -> str:
-    """A plain aligned text table (also valid markdown)."""
-    cells = [[floatfmt.format(r[c]) if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    line = "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
-    return "\n".join([line, sep, *body])

@@ -96,11 +96,11 @@ def _quiet_logs():
 
 def merge_models(method: str, weights: dict[str, float], out: str | Path, *, base: str | None = None,
                  density: float | None = None, dtype: str = "float32", query_instruction: str | None = None,
-                 seed: int = 13, metadata: dict[str, Any] | None = None) -> Path:
+                 seed: int = 13, metadata: dict[str, Any] | None = None, fingerprint: str | None = None) -> Path:
     """Merge ``weights`` ({model folder: weight}, 0 = dropped) with mergekit into ``out`` (atomically).
 
     With every weight 0 the result is the base model itself (a copy). The folder loads in
-    ``SentenceTransformer(out)``; ``query_instruction`` (when given; a sentence becomes an ``Instruct: ...\\nQuery: ``
+    ``SentenceTransformer(out)``; ``fingerprint`` is recorded in its ``stm_ray.json``; ``query_instruction`` (when given; a sentence becomes an ``Instruct: ...\\nQuery: ``
     prefix) becomes its query prompt.
     """
     import torch
@@ -129,6 +129,10 @@ def merge_models(method: str, weights: dict[str, float], out: str | Path, *, bas
         meta_path = tmp / META_FILE
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         meta["merge"] = {"method": method, "weights": weights, "density": density, "base": base, **(metadata or {})}
+        if fingerprint is not None:  # the merge search's fingerprint (what model_fingerprint reads)
+            meta["fingerprint"] = fingerprint
+        else:
+            meta.pop("fingerprint", None)  # the first expert's, copied with its support files
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
         if query_instruction is not None:
             save_query_prompt(tmp, query_instruction)

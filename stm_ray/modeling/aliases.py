@@ -89,3 +89,35 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder not found: {name_or_path} (aliases: {', '.join(ALIASES)})")
     return name_or_path
+
+
+_SMALL = 1 << 20  # files below this size count by content, larger ones (weights) by name and size
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """Identifies a model without loading it: the input fingerprint of the stages that read a model.
+
+    A folder counts by the content of its small files (configs, pooling, prompts, tokenizer) and the names and sizes
+    of its weight files; a folder that stm-ray wrote (an expert, a merge) also by the fingerprint its stage recorded
+    in ``stm_ray.json``, any other folder by its weights' modification times. A hub id counts by its name."""
+    import hashlib
+    import json
+
+    from stm_ray.modeling.embedder import META_FILE
+
+    path = Path(resolve_model(name_or_path))
+    if not path.is_dir():
+        return hashlib.sha256(str(name_or_path).encode()).hexdigest()[:16]
+    try:
+        produced = json.loads((path / META_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError):
+        produced = None
+    h = hashlib.sha256(f"produced:{produced}".encode())
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        st = f.stat()
+        h.update(f"|{f.relative_to(path).as_posix()}:{st.st_size}".encode())
+        if st.st_size < _SMALL:
+            h.update(f.read_bytes())
+        elif produced is None:
+            h.update(f":{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

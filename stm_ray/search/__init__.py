@@ -1,5 +1,5 @@
-"""Ray Tune searches: query instructions (``search_instructions``, ``search_pool_size``) and mergekit merges
-(``search_merge``), both scored by mean dev NDCG@10 over the configured tasks."""
+"""Ray Tune searches over query instructions (``search_instructions``, ``search_pool_size``), the dev sets and
+scores every search uses (also the merge search in :mod:`stm_ray.merge.search`), and the shared Tune plumbing."""
 
 from stm_ray.search.instructions import (
     InstructionSearchResult,
@@ -8,7 +8,6 @@ from stm_ray.search.instructions import (
     search_instructions,
     search_pool_size,
 )
-from stm_ray.search.merge_search import MergeSearchResult, merge_table, search_merge
 
-__all__ = ["InstructionSearchResult", "MergeSearchResult", "candidate_instructions", "instruction_table",
-           "merge_table", "search_instructions", "search_merge", "search_pool_size"]
+__all__ = ["InstructionSearchResult", "candidate_instructions", "instruction_table", "search_instructions",
+           "search_pool_size"]

@@ -1,13 +1,15 @@
-"""What the instruction and merge searches share: Ray Tune plumbing, searchers, trial tables, plots."""
+"""What the instruction and merge searches share: the stage contract for a Tune search, Ray Tune plumbing, searchers,
+trial tables, plots."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
+from stm_ray.stage import Decision, Fingerprint, decide
 from stm_ray.utils import save_figure
 
 log = logging.getLogger(__name__)
@@ -15,8 +17,22 @@ log = logging.getLogger(__name__)
 METRIC = "objective"
 
 
-def fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def decide_search(fp: Fingerprint, item: str, result: Path, tune_dir: Path) -> tuple[Decision, dict[str, Any] | None]:
+    """The stage contract for a Tune search: ``result`` (its JSON output) records the fingerprint; an unfinished
+    search under the same fingerprint is its Tune experiment ``tune_dir``, resumed. Returns the decision and the
+    finished result's record (None when there is none). Under ``--force`` the finished experiment is removed, so
+    that the search really runs again."""
+    try:
+        record = json.loads(result.read_text())
+    except (OSError, ValueError):
+        record = None
+    finished = record
+    if record is None and tune_dir.is_dir():
+        record = {"fingerprint": fp.value}
+    decision = decide(fp, item, record, complete=finished is not None, where=str(result))
+    if decision.action == "redo" and decision.previous == fp.value:
+        shutil.rmtree(tune_dir, ignore_errors=True)
+    return decision, finished
 
 
 def searcher(kind: str, seed: int, points: list[dict[str, Any]] | None = None):

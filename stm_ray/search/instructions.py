@@ -12,6 +12,7 @@ search gives it to the merged model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from stm_ray.data import RetrievalTask, load_task
-from stm_ray.search.common import best_row, fingerprint, plot_trials, run_tuner, trial_rows
+from stm_ray.search.common import best_row, decide_search, plot_trials, run_tuner, trial_rows
 from stm_ray.search.dev import dev_sets, objective, score_embedder, score_folders
+from stm_ray.stage import Fingerprint, fingerprint
 from stm_ray.utils import atomic_write_json, init_local_ray
 
 log = logging.getLogger("stm_ray.search")
@@ -36,6 +38,8 @@ class InstructionSearchResult:
     baseline: dict[str, Any]
     trials: list[dict[str, Any]] = field(default_factory=list)
     saved_to: str | None = None
+    fingerprint: str = ""
+    reused: bool = False
 
 
 def load_tasks(cfg) -> dict[str, RetrievalTask]:
@@ -45,7 +49,7 @@ def load_tasks(cfg) -> dict[str, RetrievalTask]:
 
 def candidate_instructions(cfg, tasks: dict[str, RetrievalTask] | None = None) -> list[str]:
     """No instruction, built-ins, the configured candidates and the synthesized pools, deduplicated in order."""
-    from stm_ray.synth.prompts import DEFAULT_INSTRUCTIONS, GENERIC_INSTRUCTION, task_instruction
+    from stm_ray.data.instructions import DEFAULT_INSTRUCTIONS, GENERIC_INSTRUCTION, task_instruction
 
     tasks = tasks or load_tasks(cfg)
     out = [""] + [task_instruction(spec, t.name, None) for spec, t in tasks.items()]
@@ -112,6 +116,26 @@ def default_model(cfg) -> str:
     return str(merged) if (merged / "merge.json").is_file() else cfg.model.name_or_path
 
 
+def instructions_fingerprint(cfg, model: str) -> Fingerprint:
+    """The instruction search's fingerprint (the stage contract): what it reads of the config, the model it tunes,
+    the tasks' data and the instruction pools Synthesize wrote (when it uses them)."""
+    from stm_ray.data import task_fingerprint
+    from stm_ray.modeling import model_fingerprint
+
+    pools = {}
+    if cfg.search.use_synth_pool:
+        for f in sorted((Path(cfg.run_dir) / "synth" / "instructions").glob("*.json")):
+            pools[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+    return fingerprint("instructions", cfg, {"model": model_fingerprint(model), "pools": pools,
+                                             "tasks": {t: task_fingerprint(t) for t in cfg.data.tasks}})
+
+
+def _reused(record: dict[str, Any]) -> InstructionSearchResult:
+    fields = {k: record[k] for k in ("model", "dev", "baseline", "trials", "saved_to") if k in record}
+    return InstructionSearchResult(instruction=record["best"]["instruction"], prefix=record["best"]["prefix"],
+                                   fingerprint=record["fingerprint"], reused=True, **fields)
+
+
 def search_instructions(cfg, *, model: str | None = None, save: bool = True,
                         show_progress: bool = True) -> InstructionSearchResult:
     """Score every candidate instruction (grid) or ``search.num_samples`` of them (optuna/random) on the dev sets."""
@@ -123,6 +147,12 @@ def search_instructions(cfg, *, model: str | None = None, save: bool = True,
     s = cfg.search
     run_dir = Path(cfg.run_dir).resolve()
     model = model or default_model(cfg)
+    fp = instructions_fingerprint(cfg, model)
+    out = run_dir / "search" / "instructions.json"
+    tune_dir = run_dir / "search" / "tune" / f"instructions-{fp.value}"
+    decision, record = decide_search(fp, "instruction search", out, tune_dir)
+    if decision.action == "reuse":
+        return _reused(record)
     tasks = load_tasks(cfg)
     candidates = candidate_instructions(cfg, tasks)
     init_local_ray()
@@ -136,11 +166,10 @@ def search_instructions(cfg, *, model: str | None = None, save: bool = True,
     grid = s.searcher == "grid" or len(candidates) <= s.num_samples
     space = {"candidate": tune.grid_search(list(range(len(candidates)))) if grid
              else tune.choice(list(range(len(candidates))))}
-    fp = fingerprint(model, candidates, s.model_dump(), cfg.data.model_dump())
     trainable = tune.with_parameters(instruction_trial, spec=spec, dev=dev, corpus_embs=corpus_embs)
     results = run_tuner(trainable, param_space=space, kind="grid" if grid else s.searcher,
                         num_samples=1 if grid else s.num_samples, seed=s.seed, storage=run_dir / "search" / "tune",
-                        name=f"instructions-{fp}", resources={"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
+                        name=tune_dir.name, resources={"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
                         max_concurrent=s.max_concurrent_trials, show_progress=show_progress)
     rows = trial_rows(results, ["candidate", "instruction"])
     best = best_row(rows)
@@ -155,11 +184,12 @@ def search_instructions(cfg, *, model: str | None = None, save: bool = True,
         model=model, instruction=best["instruction"], prefix=prefix,
         dev={"ndcg_at_10": best["ndcg_at_10"], "recall_at_10": best["recall_at_10"]},
         baseline={"ndcg_at_10": baseline["ndcg_at_10"], "recall_at_10": baseline["recall_at_10"]} if baseline else {},
-        trials=rows, saved_to=saved_to)
-    atomic_write_json(run_dir / "search" / "instructions.json",
-                      {"best": {"instruction": best["instruction"], "prefix": prefix, **result.dev},
-                       **{k: v for k, v in asdict(result).items() if k not in ("instruction", "prefix")},
-                       "dev_sets": {d.task: {"queries": len(d), "documents": len(d.corpus)} for d in dev}})
+        trials=rows, saved_to=saved_to, fingerprint=fp.value)
+    atomic_write_json(out, {"best": {"instruction": best["instruction"], "prefix": prefix, **result.dev},
+                            **{k: v for k, v in asdict(result).items() if k not in ("instruction", "prefix", "reused",
+                                                                                    "fingerprint")},
+                            **fp.record(),
+                            "dev_sets": {d.task: {"queries": len(d), "documents": len(d.corpus)} for d in dev}})
     plot_trials(rows, run_dir / "search" / "instruction_trials.png", f"instruction search ({len(rows)} trials)",
                 reference={"no instruction": result.baseline.get("ndcg_at_10")})
     log.info("best instruction %r: dev NDCG@10 %.4f (no instruction %.4f)%s", best["instruction"], best["ndcg_at_10"],
@@ -168,7 +198,7 @@ def search_instructions(cfg, *, model: str | None = None, save: bool = True,
 
 
 def instruction_table(result: InstructionSearchResult, top: int = 10) -> str:
-    from stm_ray.eval.evaluate import format_table
+    from stm_ray.tables import format_table
 
     rows = sorted(result.trials, key=lambda r: -r["ndcg_at_10"])[:top]
     return format_table([{"rank": i, "dev NDCG@10": r["ndcg_at_10"], "Recall@10": r["recall_at_10"],
@@ -205,29 +235,39 @@ def search_pool_size(cfg, *, shards: str | None = None, show_progress: bool = Tr
     """Training mode: one expert per pool size in ``search.pool_sizes`` (over all shard rows), each scored on dev."""
     from ray import tune
 
+    from stm_ray.data.shards import shard_files
+    from stm_ray.modeling import model_fingerprint
+
     s = cfg.search
     run_dir = Path(cfg.run_dir).resolve()
     tasks = load_tasks(cfg)
     candidates = [c for c in candidate_instructions(cfg, tasks) if c]
     sizes = sorted({min(n, len(candidates)) for n in s.pool_sizes})
+    source = shards or cfg.train.shards or str(run_dir / "synth")
+    shards_fp = hashlib.sha256(b"".join(f.read_bytes() for f in shard_files(source))).hexdigest()[:16]
+    fp = fingerprint("instruction-pools", cfg, {"candidates": candidates, "sizes": sizes, "shards": shards_fp,
+                                                "base": model_fingerprint(cfg.model.name_or_path)})
+    path = run_dir / "search" / "instruction_pools.json"
+    tune_dir = run_dir / "search" / "tune" / f"pools-{fp.value}"
+    decision, record = decide_search(fp, "instruction pools", path, tune_dir)
+    if decision.action == "reuse":
+        return record
     init_local_ray()
     dev = dev_sets(cfg, tasks)
-    source = shards or cfg.train.shards or str(run_dir / "synth")
     spec = {"cfg": cfg.model_dump(), "candidates": candidates, "root": str(run_dir / "search" / "pools"),
             "shards": source, "threads": s.cpus_per_trial}
-    fp = fingerprint(candidates, sizes, cfg.train.model_dump(), cfg.model.model_dump(), cfg.data.model_dump(), source)
     log.info("instruction-pool search: pool sizes %s over %d candidates, shards %s", sizes, len(candidates), source)
     # the trial itself only drives Ray Train (whose workers hold the CPUs) and a scoring task
     results = run_tuner(tune.with_parameters(pool_trial, spec=spec, dev=dev),
                         param_space={"pool_size": tune.grid_search(sizes)}, kind="grid", num_samples=1, seed=s.seed,
-                        storage=run_dir / "search" / "tune", name=f"pools-{fp}", resources={"CPU": 0.01},
+                        storage=run_dir / "search" / "tune", name=tune_dir.name, resources={"CPU": 0.01},
                         max_concurrent=s.max_concurrent_trials, show_progress=show_progress)
     rows = trial_rows(results, ["pool_size", "expert"])
     best = best_row(rows)
     out = {"best": {"pool_size": best["pool_size"], "instructions": candidates[:best["pool_size"]],
                     "ndcg_at_10": best["ndcg_at_10"], "recall_at_10": best["recall_at_10"], "expert": best["expert"]},
-           "trials": rows}
-    atomic_write_json(run_dir / "search" / "instruction_pools.json", out)
+           "trials": rows, **fp.record()}
+    atomic_write_json(path, out)
     log.info("best pool size %d: dev NDCG@10 %.4f (%s)", best["pool_size"], best["ndcg_at_10"],
              ", ".join(f"{r['pool_size']}: {r['ndcg_at_10']:.4f}" for r in rows if "error" not in r))
     return out

@@ -2,7 +2,7 @@
 /v1/models), its corpus index, the Serve config file and a small load generator."""
 
 from stm_ray.serve.deploy import app_args, resolve_target, serve_config, serve_config_yaml, start
-from stm_ray.serve.index import CorpusIndex, build_index, model_fingerprint
+from stm_ray.serve.index import CorpusIndex, build_index, index_fingerprint
 
-__all__ = ["CorpusIndex", "app_args", "build_index", "model_fingerprint", "resolve_target", "serve_config",
+__all__ = ["CorpusIndex", "app_args", "build_index", "index_fingerprint", "resolve_target", "serve_config",
            "serve_config_yaml", "start"]

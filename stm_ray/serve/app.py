@@ -39,6 +39,10 @@ from ray import serve
 
 log = logging.getLogger("stm_ray.serve")
 
+from stm_ray.serve import loopback as _loopback  # noqa: E402  (replicas import this module: patch before they start)
+
+_loopback.install()
+
 # ---------------------------------------------------------------------------------------------- request schemas
 
 

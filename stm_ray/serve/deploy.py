@@ -103,7 +103,6 @@ def ensure_index(cfg, model: str, corpus: str, folder: Path, show_progress: bool
 
     meta = current_meta(folder, model, corpus, dtype=cfg.model.dtype)
     if meta is not None:
-        log.info("corpus index %s is up to date (%d documents)", folder, meta.get("num_documents", 0))
         return {**meta, "reused": True}
     task = ray.remote(build_index).options(num_cpus=max(cfg.serve.num_cpus, 1), num_gpus=cfg.serve.num_gpus,
                                            scheduling_strategy="DEFAULT")

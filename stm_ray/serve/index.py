@@ -1,15 +1,14 @@
 """A corpus index for ``/search``: document embeddings computed once, saved in a folder, searched exactly or by faiss.
 
 The folder (``<run_dir>/index/<task>/`` by default) holds ``embeddings.npy`` (float32, L2-normalised),
-``docs.parquet`` (id, text) and ``meta.json`` (model fingerprint, task, size). It is written atomically; a folder
-built from another task spec or by another model (fingerprint differs) is rebuilt, one built by this model from
-this task is reused (checked without loading the model), so replicas start in seconds and a restarted replica
-never re-encodes the corpus.
+``docs.parquet`` (id, text) and ``meta.json`` (fingerprint, task, size). It is written atomically and follows the
+stage contract (:mod:`stm_ray.stage`): an index whose fingerprint (model files, task data, load settings) matches
+is reused, checked without loading the model, so replicas start in seconds and a restarted replica never
+re-encodes the corpus; any other is rebuilt.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -18,26 +17,24 @@ from pathlib import Path
 
 import numpy as np
 
+from stm_ray.stage import Fingerprint, decide, fingerprint
+
 log = logging.getLogger(__name__)
 
 META = "meta.json"
 
 
-def model_fingerprint(model: str, max_length: int | None = None, dtype: str = "float32") -> str:
-    """Identifies the document vectors a model gives, without loading it: its folder's files (name, size, mtime;
-    they hold the pooling, max length and prefixes too) or hub id, plus the load settings that change them."""
-    from stm_ray.modeling.aliases import resolve_model
+def index_fingerprint(model: str, task_spec: str, *, max_length: int | None = None,
+                      dtype: str = "float32") -> Fingerprint:
+    """The index's fingerprint (the stage contract): the model (by its files), the task's data and the load
+    settings that change the vectors. Checked without loading the model."""
+    from stm_ray.config import ModelConfig, PipelineConfig
+    from stm_ray.data import task_fingerprint
+    from stm_ray.modeling import model_fingerprint
 
-    path = Path(resolve_model(model))
-    h = hashlib.sha256()
-    if path.is_dir():
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            st = f.stat()
-            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns};".encode())
-    else:
-        h.update(str(path).encode())
-    h.update(f"|{max_length}|{dtype}".encode())
-    return h.hexdigest()[:16]
+    cfg = PipelineConfig(model=ModelConfig(name_or_path=model, max_length=max_length, dtype=dtype))
+    return fingerprint("index", cfg, {"model": model_fingerprint(model), "task": task_spec,
+                                      "data": task_fingerprint(task_spec)})
 
 
 def task_slug(spec: str) -> str:
@@ -130,19 +127,17 @@ def read_meta(folder: str | Path) -> dict | None:
 
 def current_meta(folder: str | Path, model: str, task_spec: str, *, max_length: int | None = None,
                  dtype: str = "float32") -> dict | None:
-    """The meta of the index in ``folder`` if ``model`` (with these settings) built it from ``task_spec``, else
-    None."""
+    """The meta of the index in ``folder`` when its fingerprint is the one ``model`` (with these settings) and
+    ``task_spec`` give now (the stage contract's reuse), else None (after logging why: run or redo)."""
     meta = read_meta(folder)
-    if meta and meta.get("task") == task_spec and meta.get("model_fingerprint") == model_fingerprint(
-            model, max_length, dtype):
-        return meta
-    return None
+    fp = index_fingerprint(model, task_spec, max_length=max_length, dtype=dtype)
+    return meta if decide(fp, task_spec, meta, complete=True, where=str(folder)).action == "reuse" else None
 
 
 def build_index(model: str, task_spec: str, folder: str | Path, *, max_length: int | None = None,
                 dtype: str = "float32", device: str = "auto", batch_size: int = 64, strict: bool = False,
                 show_progress: bool = True) -> dict:
-    """Encode a task's corpus with ``model`` into ``folder`` unless an index of this model is already there.
+    """Encode a task's corpus with ``model`` into ``folder`` unless the index there has the same fingerprint.
 
     Returns the index's meta (``reused`` tells whether it was already built)."""
     from stm_ray.data import load_task
@@ -151,10 +146,7 @@ def build_index(model: str, task_spec: str, folder: str | Path, *, max_length: i
     folder = Path(folder)
     meta = current_meta(folder, model, task_spec, max_length=max_length, dtype=dtype)
     if meta is not None:
-        log.info("corpus index %s is up to date (%d documents)", folder, meta.get("num_documents", 0))
         return {**meta, "reused": True}
-    if read_meta(folder):
-        log.info("corpus index %s was built from another corpus, model or settings: rebuilding", folder)
     emb = Embedder.from_pretrained(model, max_length=max_length, dtype=dtype, device=device, batch_size=batch_size)
     task = load_task(task_spec, strict=strict)
     ids = [str(x) for x in task.corpus.column("_id").to_pylist()]
@@ -162,8 +154,8 @@ def build_index(model: str, task_spec: str, folder: str | Path, *, max_length: i
     t0 = time.perf_counter()
     log.info("indexing %d documents of %s with %s", len(ids), task_spec, model)
     vectors = emb.encode_corpus(texts, show_progress=show_progress, desc="index")
-    meta = {"model": model, "model_fingerprint": model_fingerprint(model, max_length, dtype), "task": task_spec,
-            "dim": int(vectors.shape[1]), "normalized": True, "encode_seconds": round(time.perf_counter() - t0, 2),
+    fp = index_fingerprint(model, task_spec, max_length=max_length, dtype=dtype)
+    meta = {"model": model, **fp.record(), "task": task_spec, "dim": int(vectors.shape[1]), "normalized": True, "encode_seconds": round(time.perf_counter() - t0, 2),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     CorpusIndex(ids, texts, vectors, meta=meta).save(folder)
     log.info("corpus index written to %s (%d documents, %.0f s)", folder, len(ids), meta["encode_seconds"])

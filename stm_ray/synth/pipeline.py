@@ -39,12 +39,14 @@ import pyarrow as pa
 
 from stm_ray.config import ConfigError, PipelineConfig
 from stm_ray.data import DataError, load_task
+from stm_ray.data.instructions import task_instruction
 from stm_ray.data.shards import NEGATIVE_SOURCES, shard_files, shard_stats, write_shard
 from stm_ray.data.task import RetrievalTask, stable_fraction
+from stm_ray.stage import Fingerprint, decide, fingerprint
 from stm_ray.synth.autoscale import ActorPoolSampler
 from stm_ray.synth.checks import DROP_REASONS, check_negative
 from stm_ray.synth.mine import MineBatch
-from stm_ray.synth.prompts import clean_instruction, task_instruction
+from stm_ray.synth.prompts import clean_instruction
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ class SynthResult:
     seconds: float = 0.0
     instruction_files: dict[str, str] = field(default_factory=dict)
     actor_pools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fingerprint: str = ""
+    reused: bool = False
 
     @property
     def tokens_per_s(self) -> float:
@@ -90,21 +94,20 @@ class SynthResult:
                 "false_negatives_dropped": self.false_negatives_dropped, "gen_tokens": self.gen_tokens,
                 "gen_seconds": round(self.gen_seconds, 2), "tokens_per_s": round(self.tokens_per_s, 1),
                 "seconds": round(self.seconds, 2), "instruction_files": self.instruction_files,
-                "actor_pools": self.actor_pools}
+                "actor_pools": self.actor_pools, "fingerprint": self.fingerprint, "reused": self.reused}
 
 
-def _fingerprint(cfg: PipelineConfig) -> str:
-    """What decides the shards' content; tuning knobs (batch sizes, concurrency, engine arguments) do not count."""
+def synth_fingerprint(cfg: PipelineConfig) -> Fingerprint:
+    """The shards' fingerprint (the stage contract): what Synthesize reads of the config, the tasks' data, the
+    dense-mining model and the generator."""
+    from stm_ray.data import task_fingerprint
+    from stm_ray.modeling import model_fingerprint
+
     s = cfg.synth
-    content = s.model_dump(mode="json", exclude={"batch_size", "max_concurrent_batches", "max_num_seqs",
-                                                "engine_kwargs", "use_gpu", "concurrency", "http_qps",
-                                                "http_max_retries", "mine_concurrency", "mine_num_cpus",
-                                                "base_url", "api_key_env"})
-    d = cfg.data
-    blob = json.dumps({"synth": content, "tasks": d.tasks, "split": d.train_split, "max_queries": d.max_queries,
-                       "data_seed": d.seed, "dense_model": cfg.model.name_or_path,
-                       "query_instruction": cfg.model.query_instruction}, sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+    return fingerprint("synthesize", cfg, {
+        "tasks": {spec: task_fingerprint(spec) for spec in cfg.data.tasks},
+        "dense_model": model_fingerprint(cfg.model.name_or_path) if "dense" in s.miners else None,
+        "generator": model_fingerprint(s.generator) if s.engine == "vllm" and s.synthetic_per_query else s.generator})
 
 
 def _expert_tag(task: RetrievalTask, spec: str, by: str) -> dict[str, str] | str:
@@ -204,9 +207,16 @@ def build_generator(cfg: PipelineConfig):
 
     if cfg.synth.engine == "openai":
         return build_http_processor(cfg.synth)
+    import ray
+
     from stm_ray.modeling.aliases import resolve_model
 
-    return build_vllm_processor(cfg.synth, resolve_model(cfg.synth.generator), use_gpu=_use_gpu(cfg))
+    # the memory check reads this machine: valid when the engine actor runs here (a one-node cluster)
+    local = len([n for n in ray.nodes() if n.get("Alive")]) <= 1
+    if not local:
+        log.info("multi-node cluster: vLLM checks its KV-cache budget on the engine's node")
+    return build_vllm_processor(cfg.synth, resolve_model(cfg.synth.generator), use_gpu=_use_gpu(cfg),
+                                check_memory=local)
 
 
 class _ShardWriter:
@@ -314,18 +324,28 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
     t0 = time.perf_counter()
     s = cfg.synth
     out = Path(cfg.run_dir) / "synth"
-    fp = _fingerprint(cfg)
+    fp = synth_fingerprint(cfg)
     manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text()).get("fingerprint")
-        if old and old != fp and any(out.rglob("part-*.parquet")):
-            raise ConfigError(f"{out} holds shards made with another synthesis config (fingerprint {old}, now {fp}); "
-                              f"use another run_dir or delete {out}")
-    atomic_write_json(manifest_path, {"fingerprint": fp, "status": "running", "config": cfg.model_dump(mode="json")})
+    record = _read_manifest(manifest_path)
+    listed = (record or {}).get("shards")
+    complete = bool(record) and record.get("status") == "done" and bool(listed) and all(
+        (out / f).is_file() for f in listed)
+    action = decide(fp, "shards", record, complete=complete, where=str(out)).action
+    if action == "reuse":
+        result = SynthResult(out, fingerprint=fp.value, reused=True)
+        _totals(out, result)
+        prev = record.get("result") or {}
+        result.gen_tokens, result.gen_seconds = int(prev.get("gen_tokens", 0)), float(prev.get("gen_seconds", 0.0))
+        result.seconds = time.perf_counter() - t0
+        return result
+    if action == "redo":
+        _clear(out)
+    atomic_write_json(manifest_path, {**fp.record(), "status": "running", "config": cfg.model_dump(mode="json")})
 
     tasks: dict[str, RetrievalTask] = {}
     pending_rows: list[dict] = []
     plan: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    all_shards: set[tuple[str, int]] = set()
     skipped = 0
     instr_rows: list[dict] = []
     for spec in cfg.data.tasks:
@@ -334,6 +354,7 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
         rows = plan_pairs(task, spec, cfg)
         if not rows:
             raise DataError(f"task {spec!r} has no (query, positive) pairs in split {cfg.data.train_split!r}")
+        all_shards.update((spec, sh) for sh in {r["shard"] for r in rows})
         done = {sh for sh in {r["shard"] for r in rows} if _shard_path(out, spec, sh).is_file()}
         skipped += len(done)
         for r in rows:
@@ -356,9 +377,11 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         writer = _ShardWriter(out, plan, max(s.synthetic_per_query, 1), s.min_words, cfg.data.strict)
+        n_llm = sum(r["llm"] for r in pending_rows)
+        # built (and its memory budget checked) before any mining: a generator that cannot start fails in seconds
+        generator = build_generator(cfg) if n_llm or instr_rows else None
         mined = _mine(cfg, tasks, {r["task"] for r in pending_rows}, pending_rows, out) if pending_rows else None
         gen_parts, streams = [], []
-        n_llm = sum(r["llm"] for r in pending_rows)
         if mined is not None and n_llm < len(pending_rows):
             # rows with mined negatives only (synth.synthetic_max_rows, or synthetic_per_query = 0) skip the engine
             streams.append(mined if n_llm == 0 else mined.filter(expr=col("llm") == False, num_cpus=0.25))  # noqa: E712
@@ -372,7 +395,7 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
             gen_parts.append(ray.data.from_arrow(_rows_table(instr_rows, mined=True)))
         if gen_parts:
             gen_ds = gen_parts[0] if len(gen_parts) == 1 else gen_parts[0].union(*gen_parts[1:])
-            streams.append(build_generator(cfg)(gen_ds))
+            streams.append(generator(gen_ds))
         instr_texts: dict[str, list[tuple[int, str]]] = defaultdict(list)
         total = sum(writer.expected.values()) + len(instr_rows)
         bar = tqdm(total=total, desc="synthesize", unit="row", disable=not show_progress, dynamic_ncols=True)
@@ -411,10 +434,32 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
         for spec, texts in instr_texts.items():
             _write_instructions(out, spec, tasks[spec], [t for _, t in sorted(texts)], s.instruction_pool_size)
     _totals(out, result)
+    result.fingerprint = fp.value
     result.seconds = time.perf_counter() - t0
-    atomic_write_json(manifest_path, {"fingerprint": fp, "status": "done", "result": result.to_dict(),
+    shards = sorted(_shard_path(out, *sid).relative_to(out).as_posix() for sid in all_shards)
+    atomic_write_json(manifest_path, {**fp.record(), "status": "done", "result": result.to_dict(), "shards": shards,
                                       "config": cfg.model_dump(mode="json")})
     return result
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        log.warning("%s is not valid JSON: its shards are redone", path)
+        return {"fingerprint": None}
+
+
+def _clear(out: Path) -> None:
+    """Remove what an earlier synthesis under another fingerprint wrote (the dense-embedding cache stays: it is
+    keyed by its own model settings)."""
+    import shutil
+
+    for p in sorted(out.iterdir()) if out.is_dir() else []:
+        if p.is_dir() and p.name != "cache":
+            shutil.rmtree(p)
 
 
 def _rows_table(rows: list[dict], *, mined: bool = False) -> pa.Table:
@@ -462,7 +507,7 @@ def _mine(cfg: PipelineConfig, tasks: dict[str, RetrievalTask], specs: set[str],
 
 def summary_table(result: SynthResult) -> str:
     """The end-of-stage summary: rows, negatives by source, drops by reason, generation speed."""
-    from stm_ray.eval import format_table
+    from stm_ray.tables import format_table
 
     rows = [{"what": "rows (query, positive)", "count": result.rows},
             {"what": "shards (written now / already there)",

@@ -8,13 +8,6 @@ from __future__ import annotations
 
 import re
 
-# Query instructions for the built-in tasks; other tasks get the generic one (or model.query_instruction).
-DEFAULT_INSTRUCTIONS = {
-    "icd10": "Given a diagnosis or condition name, retrieve the ICD-10-CM code that covers it",
-    "scifact": "Given a scientific claim, retrieve documents that support or refute the claim",
-}
-GENERIC_INSTRUCTION = "Given a query, retrieve the passages that answer it"
-
 NEGATIVE_SYSTEM = (
     "You write hard negative passages for training retrieval models. A hard negative looks relevant to a search "
     "query but does not answer it."
@@ -34,18 +27,6 @@ INSTRUCTION_RULES = (
     "search query in the task below. Start with a verb such as 'Given' or 'Retrieve'. Reply with the instruction "
     "only."
 )
-
-
-def task_instruction(task_spec: str, task_name: str, configured: str | None) -> str:
-    """The instruction a task's rows are made with: the configured query instruction, else a built-in one."""
-    if configured:
-        return configured.strip().removeprefix("Instruct:").split("\n")[0].strip()
-    for key in (task_spec, task_name, task_name.split(":")[0]):
-        if key in DEFAULT_INSTRUCTIONS:
-            return DEFAULT_INSTRUCTIONS[key]
-    if "scifact" in task_name.lower():
-        return DEFAULT_INSTRUCTIONS["scifact"]
-    return GENERIC_INSTRUCTION
 
 
 def negative_messages(query: str, instruction: str, positive: str, negative: str | None) -> list[dict[str, str]]:

@@ -2,9 +2,9 @@
 
 Layout under ``<run_dir>``::
 
-    train/<expert>-<fingerprint>/     Ray Train storage: checkpoints (a rerun with the same config resumes here)
+    train/<expert>-<fingerprint>/     Ray Train storage: checkpoints (a rerun with the same fingerprint resumes here)
     experts/<expert>/                 the expert: HF + sentence-transformers folder, LoRA merged into the base
-    experts/<expert>/metrics.json     loss curve, throughput, resumes, dev NDCG@10 (its presence = expert done)
+    experts/<expert>/metrics.json     loss curve, throughput, resumes, dev NDCG@10, the fingerprint (expert done)
     experts/<expert>/loss.png         the loss curve
     experts/summary.json              one row per expert, with the base model's dev NDCG@10 next to it
 """
@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 
 from stm_ray.data.shards import read_shards
 from stm_ray.data.task import DataError, DataReport
+from stm_ray.stage import Decision, Fingerprint, decide, fingerprint
 from stm_ray.train.batching import TrainRows, plan_batches
 from stm_ray.utils import atomic_dir, atomic_write_json, init_local_ray, save_figure
 
@@ -52,6 +53,7 @@ class ExpertResult:
     started_at: float = 0.0
     finished_at: float = 0.0
     skipped: bool = False
+    fingerprint: str = ""
 
 
 def expert_groups(table: pa.Table, experts: dict[str, list[str]]) -> dict[str, pa.Table]:
@@ -93,15 +95,42 @@ def planned_steps(rows: TrainRows, tcfg) -> tuple[int, int]:
     return per_epoch, min(total, tcfg.max_steps) if tcfg.max_steps else total
 
 
-def _fingerprint(cfg, rows: TrainRows, pool: list[str]) -> str:
-    """What decides an expert's weights; a rerun with the same fingerprint resumes, another one starts afresh."""
-    t = cfg.train.model_dump(exclude={"max_parallel_experts", "evaluate_dev", "log_every", "max_failures",
-                                      "keep_checkpoints", "shards", "experts", "checkpoint_every"})
-    h = hashlib.sha256(json.dumps([cfg.model.model_dump(), t, pool], sort_keys=True, default=str).encode())
+def rows_fingerprint(rows: TrainRows) -> str:
+    """An expert's training rows, by content (queries, positives, tasks, negatives)."""
+    h = hashlib.sha256()
     for col in (rows.queries, rows.positives, rows.tasks):
         h.update("\x1f".join(col).encode())
     h.update(json.dumps(rows.negatives).encode())
-    return h.hexdigest()[:10]
+    return h.hexdigest()[:16]
+
+
+def expert_fingerprint(cfg, rows: TrainRows, pool: list[str]) -> Fingerprint:
+    """What decides an expert's weights (the stage contract): the model and training config, its rows and its
+    instruction pool. The same fingerprint resumes from the run's checkpoints; another one trains afresh."""
+    from stm_ray.modeling import model_fingerprint
+
+    return fingerprint("train", cfg, {"rows": rows_fingerprint(rows), "instruction_pool": pool,
+                                      "base": model_fingerprint(cfg.model.name_or_path)})
+
+
+def _storage(cfg, name: str, fp: Fingerprint) -> Path:
+    return Path(cfg.run_dir).resolve() / "train" / f"{name}-{fp.value}"
+
+
+def decide_expert(cfg, name: str, rows: TrainRows, pool: list[str]) -> tuple[Fingerprint, Decision, dict | None]:
+    """(fingerprint, decision, the finished expert's metrics.json when there is one) for expert ``name``."""
+    fp = expert_fingerprint(cfg, rows, pool)
+    out = Path(cfg.run_dir).resolve() / "experts" / name
+    prev = None
+    try:
+        prev = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        pass
+    if prev is not None:
+        return fp, decide(fp, name, prev, complete=True, where=str(out)), prev
+    storage = _storage(cfg, name, fp)
+    partial = {"fingerprint": fp.value} if storage.is_dir() else None
+    return fp, decide(fp, name, partial, complete=False, where=str(storage)), None
 
 
 def _plot_loss(loss: list[float], path: Path, title: str) -> None:
@@ -145,8 +174,10 @@ def _dev_ndcg(model_path: str, tasks: list[str], cfg) -> dict[str, float | None]
 
 
 def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = None,
-                 progress_actor: str | None = None) -> ExpertResult:
-    """Train one expert with a Ray Train TorchTrainer and write ``<run_dir>/experts/<name>``."""
+                 progress_actor: str | None = None,
+                 decided: tuple[Fingerprint, Decision, dict | None] | None = None) -> ExpertResult:
+    """Train one expert with a Ray Train TorchTrainer and write ``<run_dir>/experts/<name>``; reuse, resume or
+    redo it by the stage contract (``decided``: the decision :func:`decide_expert` already made)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -157,21 +188,24 @@ def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = No
     pool = pool or []
     run_dir = Path(cfg.run_dir).resolve()
     out = run_dir / "experts" / name
-    if (out / "metrics.json").exists():
-        prev = json.loads((out / "metrics.json").read_text())
-        log.info("[%s] already trained (%s); skipped", name, out / "metrics.json")
-        return ExpertResult(**{**prev["result"], "skipped": True})
-
     rows = TrainRows.from_table(table, tcfg.negative_sources)
     if len(rows) == 0:
         raise DataError(f"expert {name}: no training rows")
+    fp, decision, prev = decided or decide_expert(cfg, name, rows, pool)
+    if decision.action == "reuse":
+        return ExpertResult(**{**prev["result"], "skipped": True})
+    storage = _storage(cfg, name, fp)
+    if decision.action == "redo":  # other fingerprints' checkpoints are of no use, nor this one's under --force
+        for old in run_dir.glob(f"train/{name}-*"):
+            if re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{10,16}}", old.name) and (
+                    old != storage or decision.previous == fp.value):
+                shutil.rmtree(old, ignore_errors=True)
     per_epoch, total = planned_steps(rows, tcfg)
     if total == 0:
         raise DataError(f"expert {name}: {len(rows)} rows give no batch of {tcfg.batch_size} on {tcfg.num_workers} worker(s)")
     saved_instruction = cfg.model.query_instruction
     if tcfg.instruction_mode == "pool" and not saved_instruction:
         saved_instruction = pool[0]
-    fp = _fingerprint(cfg, rows, pool)
     log.info("[%s] %d rows, %d steps (%d per epoch), %d worker(s), %s, run %s-%s", name, len(rows), total, per_epoch,
              tcfg.num_workers, tcfg.strategy, name, fp)
     t0, started = time.perf_counter(), time.time()
@@ -182,7 +216,7 @@ def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = No
                            "saved_query_instruction": saved_instruction, "progress_actor": progress_actor},
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                      resources_per_worker={"CPU": tcfg.cpus_per_worker}),
-        run_config=RunConfig(name=f"{name}-{fp}", storage_path=str(run_dir / "train"),
+        run_config=RunConfig(name=storage.name, storage_path=str(storage.parent),
                              failure_config=FailureConfig(max_failures=tcfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
                              worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(tcfg.cpus_per_worker)}}),
@@ -197,6 +231,7 @@ def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = No
             raise RuntimeError(f"expert {name}: the last checkpoint is at step {state['step']} of {total} without a model")
         with atomic_dir(out) as tmp:
             shutil.copytree(Path(d) / MODEL_DIR, tmp, dirs_exist_ok=True)
+            _stamp(tmp, fp)
     secs = state["step_seconds"][1:] or state["step_seconds"]
     sps = tcfg.batch_size * len(secs) / sum(secs) if secs and sum(secs) > 0 else 0.0
     tasks = sorted(set(rows.tasks))
@@ -204,15 +239,41 @@ def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = No
     res = ExpertResult(name=name, path=str(out), rows=len(rows), steps=state["step"],
                        final_loss=float(np.mean(state["loss"][-max(1, min(10, len(state["loss"]))):])),
                        samples_per_s=sps, wall_s=wall, resumed_from=state["resumed_from"], dev_ndcg_at_10=dev,
-                       started_at=started, finished_at=finished)
+                       started_at=started, finished_at=finished, fingerprint=fp.value)
     _plot_loss(state["loss"], out / "loss.png", f"expert {name}")
     atomic_write_json(out / "metrics.json", {"result": asdict(res), "loss": state["loss"], "lr": state["lr"],
                                              "step_seconds": state["step_seconds"], "world_size": state["world_size"],
-                                             "fingerprint": fp, "config": {"train": tcfg.model_dump(),
-                                                                           "model": cfg.model.model_dump()}})
+                                             **fp.record(), "config": {"train": tcfg.model_dump(),
+                                                                      "model": cfg.model.model_dump()}})
     log.info("[%s] done: %d steps, loss %.4f, %.1f samples/s, dev NDCG@10 %s -> %s", name, res.steps, res.final_loss,
              sps, dev, out)
     return res
+
+
+def _stamp(folder: Path, fp: Fingerprint) -> None:
+    """Record the producing fingerprint in the model folder's stm_ray.json (what model_fingerprint reads)."""
+    from stm_ray.modeling.embedder import META_FILE
+
+    path = folder / META_FILE
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    meta["fingerprint"] = fp.value
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def current_experts(run_dir: str | Path) -> dict[str, str]:
+    """{name: folder} of the experts of the run's last training (``experts/summary.json``); folders left from
+    an earlier config that the summary does not list are not the run's experts."""
+    root = Path(run_dir) / "experts"
+    try:
+        listed = json.loads((root / "summary.json").read_text()).get("experts") or []
+    except (OSError, ValueError):
+        listed = None
+    names = [e["name"] for e in listed] if listed is not None else [p.parent.name for p in root.glob("*/metrics.json")]
+    found = {n: str((root / n).resolve()) for n in sorted(names) if (root / n / "metrics.json").is_file()}
+    stale = sorted(p.parent.name for p in root.glob("*/metrics.json") if p.parent.name not in found)
+    if stale:
+        log.warning("expert folder(s) %s are not experts of this run's training (another config); left out", stale)
+    return found
 
 
 def _progress_loop(actor, names: list[str], done: threading.Event, show: bool) -> None:
@@ -253,8 +314,9 @@ def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = No
     """Train every expert found in the shards, concurrently as far as the Ray cluster's resources allow.
 
     Each expert is its own Ray Train run (``cfg.train.num_workers`` workers); runs that do not fit wait for
-    resources. Finished experts (``metrics.json`` present) are skipped, interrupted ones resume from their last
-    checkpoint. Returns one :class:`ExpertResult` per expert and writes ``<run_dir>/experts/summary.json``.
+    resources. Each expert follows the stage contract (:func:`decide_expert`): reused when its ``metrics.json``
+    records the same fingerprint, resumed from its last checkpoint when unfinished, retrained when the
+    fingerprint differs. Returns one :class:`ExpertResult` per expert and writes ``<run_dir>/experts/summary.json``.
     """
     import ray
 
@@ -269,31 +331,52 @@ def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = No
             raise DataError(f"unknown expert(s) {missing}; experts: {sorted(groups)}")
         groups = {n: groups[n] for n in only}
     pool = load_instruction_pool(tcfg.instruction_pool)
-    init_local_ray()
-    log.info("training %d expert(s) from %s (%d rows%s): %s", len(groups), source, table.num_rows,
+    log.info("%d expert(s) from %s (%d rows%s): %s", len(groups), source, table.num_rows,
              f", {len(report.problems)} bad rows skipped" if report.problems else "",
              ", ".join(f"{n} ({t.num_rows})" for n, t in groups.items()))
-
-    actor_name = f"stm-train-progress-{uuid.uuid4().hex[:8]}"
-    actor = ray.remote(TrainProgress).options(name=actor_name, num_cpus=0).remote()
-    done = threading.Event()
-    watcher = threading.Thread(target=_progress_loop, args=(actor, list(groups), done, show_progress), daemon=True)
-    watcher.start()
+    decided = {}
+    for n, t in groups.items():
+        rows = TrainRows.from_table(t, tcfg.negative_sources)
+        if len(rows) == 0:
+            raise DataError(f"expert {n}: no training rows")
+        decided[n] = decide_expert(cfg, n, rows, pool)
+    todo = [n for n, (_, d, _) in decided.items() if d.action != "reuse"]
+    results_by_name = {n: ExpertResult(**{**prev["result"], "skipped": True})
+                       for n, (_, d, prev) in decided.items() if d.action == "reuse"}
+    if todo:
+        init_local_ray()
+        actor_name = f"stm-train-progress-{uuid.uuid4().hex[:8]}"
+        actor = ray.remote(TrainProgress).options(name=actor_name, num_cpus=0).remote()
+        done = threading.Event()
+        watcher = threading.Thread(target=_progress_loop, args=(actor, todo, done, show_progress), daemon=True)
+        watcher.start()
+        try:
+            with ThreadPoolExecutor(max_workers=tcfg.max_parallel_experts or len(todo)) as ex:
+                futures = {n: ex.submit(train_expert, cfg, n, groups[n], pool=pool, progress_actor=actor_name,
+                                        decided=decided[n]) for n in todo}
+                results_by_name.update({n: f.result() for n, f in futures.items()})
+        finally:
+            done.set()
+            watcher.join(timeout=15)
+            ray.kill(actor)
+    results = [results_by_name[n] for n in groups]
+    path = Path(cfg.run_dir) / "experts" / "summary.json"
     try:
-        with ThreadPoolExecutor(max_workers=tcfg.max_parallel_experts or len(groups)) as ex:
-            futures = {n: ex.submit(train_expert, cfg, n, t, pool=pool, progress_actor=actor_name)
-                       for n, t in groups.items()}
-            results = [f.result() for f in futures.values()]
-    finally:
-        done.set()
-        watcher.join(timeout=15)
-        ray.kill(actor)
-    summary = {"experts": [asdict(r) for r in results], "shards": str(source), "bad_rows": report.counts()}
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    kept = [e for e in previous.get("experts", []) if only and e.get("name") not in groups]
+    summary = {"experts": kept + [asdict(r) for r in results], "shards": str(source), "bad_rows": report.counts()}
     if tcfg.evaluate_dev:
         tasks = sorted({t for r in results for t in r.dev_ndcg_at_10})
-        summary["base"] = {"model": cfg.model.name_or_path,
-                           "dev_ndcg_at_10": _dev_ndcg(cfg.model.name_or_path, tasks, cfg) if tasks else {}}
-    atomic_write_json(Path(cfg.run_dir) / "experts" / "summary.json", summary)
+        base = previous.get("base") or {}
+        if not todo and base.get("model") == cfg.model.name_or_path and set(base.get("dev_ndcg_at_10", {})) == set(tasks):
+            summary["base"] = base
+        elif tasks:
+            init_local_ray()
+            summary["base"] = {"model": cfg.model.name_or_path, "dev_ndcg_at_10": _dev_ndcg(cfg.model.name_or_path,
+                                                                                            tasks, cfg)}
+    atomic_write_json(path, summary)
     return results
 
 
@@ -311,7 +394,7 @@ class TrainProgress:
 
 
 def summary_table(results: list[ExpertResult], base: dict[str, float | None] | None = None) -> str:
-    from stm_ray.eval.evaluate import format_table
+    from stm_ray.tables import format_table
 
     rows = []
     for task, v in (base or {}).items():

@@ -26,8 +26,9 @@ from typing import Any
 
 from stm_ray.data import DataError
 from stm_ray.merge.mergekit_run import USES_DENSITY, merge_models, prepare_base
-from stm_ray.search.common import best_row, fingerprint, plot_trials, run_tuner, trial_rows
+from stm_ray.search.common import best_row, decide_search, plot_trials, run_tuner, trial_rows
 from stm_ray.search.dev import dev_sets, objective, score_embedder, score_folders
+from stm_ray.stage import Fingerprint, fingerprint
 from stm_ray.utils import atomic_write_json, init_local_ray
 
 log = logging.getLogger("stm_ray.search")
@@ -45,6 +46,7 @@ class MergeSearchResult:
     experts_dev: dict[str, dict[str, Any]]
     trials: list[dict[str, Any]] = field(default_factory=list)
     skipped: bool = False
+    fingerprint: str = ""
 
     @property
     def best_single(self) -> tuple[str, float]:
@@ -53,9 +55,11 @@ class MergeSearchResult:
 
 
 def find_experts(cfg) -> dict[str, str]:
-    """{name: folder} of the finished experts under ``<run_dir>/experts`` (``merge.experts`` selects)."""
+    """{name: folder} of the run's finished experts (``merge.experts`` selects)."""
+    from stm_ray.train.experts import current_experts
+
     root = Path(cfg.run_dir) / "experts"
-    found = {p.parent.name: str(p.parent.resolve()) for p in sorted(root.glob("*/metrics.json"))}
+    found = current_experts(cfg.run_dir)
     wanted = cfg.merge.experts
     if wanted:
         missing = [n for n in wanted if n not in found]
@@ -123,6 +127,18 @@ def query_instruction_for(cfg) -> str | None:
     return None
 
 
+def merge_fingerprint(cfg, experts: dict[str, str], instruction: str | None) -> Fingerprint:
+    """The merged model's fingerprint (the stage contract): what the merge search reads of the config, the experts
+    (by the fingerprints their training recorded), the base model, the query instruction it gives the merge and
+    the tasks' data (the dev sets)."""
+    from stm_ray.data import task_fingerprint
+    from stm_ray.modeling import model_fingerprint
+
+    return fingerprint("merge", cfg, {"experts": {n: model_fingerprint(p) for n, p in experts.items()},
+                                      "base": model_fingerprint(cfg.model.name_or_path), "instruction": instruction,
+                                      "tasks": {t: task_fingerprint(t) for t in cfg.data.tasks}})
+
+
 def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
     """Search merge methods and coefficients with Ray Tune; write the winner to ``<run_dir>/merged``."""
     m, s = cfg.merge, cfg.search
@@ -130,16 +146,11 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
     experts = find_experts(cfg)
     out = run_dir / "merged"
     instr = query_instruction_for(cfg)
-    expert_fps = {n: json.loads((Path(p) / "metrics.json").read_text()).get("fingerprint") for n, p in experts.items()}
-    fp = fingerprint(m.model_dump(), s.model_dump(exclude={"instructions", "use_synth_pool", "pool_sizes", "searcher",
-                                                           "num_samples", "max_concurrent_trials", "cpus_per_trial",
-                                                           "gpus_per_trial"}),
-                     cfg.data.model_dump(), cfg.model.model_dump(), expert_fps, instr)
-    if (out / "merge.json").is_file():
-        prev = json.loads((out / "merge.json").read_text())
-        if prev.get("fingerprint") == fp:
-            log.info("merge search already done (%s); skipped", out / "merge.json")
-            return MergeSearchResult(**prev["result"], trials=prev["trials"], skipped=True)
+    fp = merge_fingerprint(cfg, experts, instr)
+    tune_dir = run_dir / "search" / "tune" / f"merge-{fp.value}"
+    decision, prev = decide_search(fp, "merge search", out / "merge.json", tune_dir)
+    if decision.action == "reuse":
+        return MergeSearchResult(**prev["result"], trials=prev["trials"], skipped=True)
     init_local_ray()
     log.info("merge search over %d expert(s) %s: methods %s, searcher %s", len(experts), list(experts), m.methods,
              m.searcher)
@@ -174,7 +185,7 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
                         **{f"w_{c}": (0.5 if c != "base" else 0.0) for c in components}}]
     trainable = tune.with_parameters(merge_trial, spec=spec, dev=dev)
     results = run_tuner(trainable, param_space=space, kind=m.searcher, num_samples=samples, seed=cfg.search.seed,
-                        storage=run_dir / "search" / "tune", name=f"merge-{fp}",
+                        storage=run_dir / "search" / "tune", name=tune_dir.name,
                         resources={"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
                         max_concurrent=s.max_concurrent_trials, points=seed_points, show_progress=show_progress)
     keys = ["method", "density", *[f"w_{c}" for c in components]]
@@ -189,15 +200,16 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
                 "per_task": {k[5:]: v for k, v in best.items() if k.startswith("ndcg/")}}
     result = MergeSearchResult(path=str(out), method=method, weights=weights, density=density, dropped=dropped,
                                dev=dev_best, base_dev=base_dev.as_dict(),
-                               experts_dev={n: sc.as_dict() for n, sc in experts_dev.items()})
-    meta = {"searcher": m.searcher, "trials": len(rows), "experts": experts, "fingerprint": fp}
-    merge_models(method, {paths[c]: w for c, w in weights.items()}, out, base=base, density=density, dtype=m.dtype, query_instruction=instr, seed=cfg.search.seed, metadata=meta)
+                               experts_dev={n: sc.as_dict() for n, sc in experts_dev.items()}, fingerprint=fp.value)
+    meta = {"searcher": m.searcher, "trials": len(rows), "experts": experts}
+    merge_models(method, {paths[c]: w for c, w in weights.items()}, out, base=base, density=density, dtype=m.dtype,
+                 query_instruction=instr, seed=cfg.search.seed, metadata=meta, fingerprint=fp.value)
     plot_trials(rows, run_dir / "search" / "merge_trials.png", f"merge search ({m.searcher}, {len(rows)} trials)",
                 label_key="method", reference={"base": base_dev.ndcg_at_10, **{n: sc.ndcg_at_10 for n, sc in experts_dev.items()}})
     record = asdict(result)
     record.pop("trials")
     record.pop("skipped")
-    atomic_write_json(out / "merge.json", {"result": record, "fingerprint": fp, "searcher": m.searcher,
+    atomic_write_json(out / "merge.json", {"result": record, **fp.record(), "searcher": m.searcher,
                                            "query_instruction": instr, "experts": experts, "base_model": cfg.model.name_or_path,
                                            "dev_sets": {d.task: {"queries": len(d), "documents": len(d.corpus)} for d in dev},
                                            "trials": rows, "plot": str(run_dir / "search" / "merge_trials.png")})
@@ -210,7 +222,7 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
 
 def merge_table(result: MergeSearchResult) -> str:
     """Dev NDCG@10 per task: base, each expert, the merged model."""
-    from stm_ray.eval.evaluate import format_table
+    from stm_ray.tables import format_table
 
     tasks = list(result.dev["per_task"])
     rows = [{"model": "base", **{t: result.base_dev["per_task"][t]["ndcg_at_10"] for t in tasks},
