@@ -15,9 +15,12 @@ import pyarrow as pa
 class EmbedBatch:
     """Stateful Ray Data UDF: loads the model once per actor, embeds the ``text`` column of each batch."""
 
-    def __init__(self, model_kwargs: dict[str, Any], prompt: str = "") -> None:
+    def __init__(self, model_kwargs: dict[str, Any], prompt: str = "", threads: int = 1) -> None:
+        import torch
+
         from stm_ray.modeling import Embedder
 
+        torch.set_num_threads(max(1, threads))  # Ray sets OMP_NUM_THREADS=1 in actors; use the CPUs reserved
         self.embedder = Embedder.from_pretrained(**model_kwargs)
         self.prompt = prompt
 
@@ -35,7 +38,8 @@ def ray_encode(table: pa.Table, model_kwargs: dict[str, Any], *, prompt: str = "
         if col not in table.column_names:
             raise ValueError(f"ray_encode needs a '{col}' column; the table has {table.column_names}")
     ds = ray.data.from_arrow(table.select(["_id", "text"]))
-    out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"model_kwargs": model_kwargs, "prompt": prompt},
+    out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"model_kwargs": model_kwargs, "prompt": prompt,
+                                                            "threads": int(num_cpus)},
                          batch_size=batch_size, batch_format="numpy", concurrency=concurrency, num_cpus=num_cpus)
     ids: list[str] = []
     embs: list[np.ndarray] = []

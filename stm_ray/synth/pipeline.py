@@ -175,11 +175,18 @@ def _corpus_embeddings(task: RetrievalTask, spec: str, cfg: PipelineConfig, out:
     table = pa.table({"_id": task.corpus.column("_id"), "text": task.doc_texts()})
     log.info("encoding %d documents of %s for dense mining", table.num_rows, spec)
     emb = ray_encode(table, Embedder.config_kwargs(cfg.model), prompt=m.document_instruction or "", batch_size=256,
-                     num_cpus=cfg.synth.mine_num_cpus)
+                     num_cpus=_node_cpus())
     buf = io.BytesIO()
     np.save(buf, emb)
     atomic_write_bytes(path, buf.getvalue())
     return emb
+
+
+def _node_cpus() -> int:
+    """The CPUs of the largest node: the corpus encode runs alone (before mining), so one actor takes a node."""
+    import ray
+
+    return max(1, int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)))
 
 
 def _instruction_rows(task: RetrievalTask, spec: str, cfg: PipelineConfig) -> list[dict[str, Any]]:
