@@ -45,6 +45,15 @@ def output_values(model: BaseModel) -> dict[str, Any]:
     return out
 
 
+def _dimensions(v: list[int] | None) -> list[int] | None:
+    """Embedding dimensions (Matryoshka): positive, deduplicated, largest first."""
+    if v is None:
+        return v
+    if not v or any(d < 1 for d in v):
+        raise ValueError("needs positive dimensions, e.g. [384, 256, 128, 64]")
+    return sorted(set(v), reverse=True)
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return output_values(value)
@@ -196,6 +205,16 @@ class TrainConfig(_Frozen):
     temperature: float = Field(0.05, gt=0.0, description="InfoNCE temperature on cosine similarity (0.05 = scale 20).")
     gather_across_workers: bool = Field(True, description="Use other workers' in-batch negatives (gradients flow back).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, slower).", json_schema_extra=RUNTIME)
+    grad_cache: int | None = Field(
+        None, ge=1, description="GradCache: queries per mini-batch (with their documents). The worker's slice of the "
+                                "global batch is embedded without graphs, the loss's gradients against the embeddings "
+                                "are computed, then each mini-batch runs forward/backward with them: the plain path's "
+                                "update (same global batch, in-batch negatives across workers) in the memory of one "
+                                "mini-batch. None = off.", json_schema_extra=RUNTIME)
+    matryoshka_dims: list[int] | None = Field(
+        None, description="Matryoshka: train so that the first N coordinates of the embedding are a retriever of "
+                          "their own, for each N here (e.g. [384, 256, 128, 64]; the loss is the sum over them). "
+                          "Recorded in the saved folder; serving answers 'dimensions' for such a model.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers per expert.", json_schema_extra=RUNTIME)
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker.", json_schema_extra=RUNTIME)
     use_gpu: bool = Field(False, description="One GPU per worker; bf16 there (fp32 on CPU).")
@@ -209,6 +228,11 @@ class TrainConfig(_Frozen):
     evaluate_dev: bool = Field(True, description="Score each expert on its tasks' dev split (NDCG@10) after training.", json_schema_extra=RUNTIME)
     log_every: int = Field(10, ge=1, description="Log a line every N steps.", json_schema_extra=RUNTIME)
     seed: int = Field(13, description="Training seed (LoRA init, batch plan, negative and instruction sampling).")
+
+    @field_validator("matryoshka_dims")
+    @classmethod
+    def _dims(cls, v: list[int] | None) -> list[int] | None:
+        return _dimensions(v)
 
     @model_validator(mode="after")
     def _divisible(self) -> TrainConfig:
@@ -267,6 +291,10 @@ class MergeConfig(_Frozen):
     density_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)],
                                       description="Grid of TIES/DARE densities (grid mode; the paper's {0.1, ..., 0.9}).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the merged weights.")
+    dimension: int | None = Field(
+        None, ge=1, description="Score trials (and the experts and base they are compared with) on embeddings cut to "
+                                "this many coordinates (Matryoshka truncation, renormalised): pick the merge that is "
+                                "best at the dimension you will serve. None = the full embedding.")
 
 
 class EvalConfig(_Frozen):
@@ -276,6 +304,10 @@ class EvalConfig(_Frozen):
     top_k: int = Field(100, ge=1, description="Documents retrieved per query.")
     corpus_chunk_size: int = Field(50_000, ge=1, description="Documents scored at a time (bounds memory).", json_schema_extra=RUNTIME)
     use_mteb: bool = Field(False, description="Also run mteb.evaluate on the same model and task.")
+    dimensions: list[int] | None = Field(
+        None, description="Also report NDCG@10 with the embeddings cut to these many coordinates (Matryoshka "
+                          "truncation, renormalised), from the same encode, e.g. [256, 128, 64]. Any model can be "
+                          "cut; models trained with train.matryoshka_dims are meant to be.")
 
     @field_validator("k_values")
     @classmethod
@@ -283,6 +315,11 @@ class EvalConfig(_Frozen):
         if 10 not in v or any(k < 1 for k in v):
             raise ValueError("needs 10 (NDCG@10 is every stage's score) and only cut-offs >= 1")
         return sorted(set(v))
+
+    @field_validator("dimensions")
+    @classmethod
+    def _dims(cls, v: list[int] | None) -> list[int] | None:
+        return _dimensions(v)
 
 
 class ServeConfig(_Frozen):
@@ -316,6 +353,10 @@ class ServeConfig(_Frozen):
     search_backend: Literal["exact", "faiss"] = Field("exact", description="/search: exact cosine (numpy) or faiss.")
     faiss_factory: str = Field("Flat", description="faiss index_factory string (inner product), e.g. Flat, HNSW32.")
     index_dir: str | None = Field(None, description="Where corpus indexes live (default: <run_dir>/index).")
+    index_dimension: int | None = Field(
+        None, ge=1, description="/search on embeddings cut to this many coordinates (Matryoshka truncation, "
+                                "renormalised): a smaller, faster index in memory for a model trained with "
+                                "train.matryoshka_dims. The index on disk keeps the full embeddings. None = full.")
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeConfig:

@@ -170,6 +170,23 @@ def pipeline_table(manifest: dict[str, Any], *, ndcg: bool = True) -> str:
     return out
 
 
+def dimension_rows(run_dir: Path, labels: list[str]) -> tuple[list[str], list[list[Any]]] | None:
+    """Matryoshka: mean NDCG@10 over the tasks per embedding dimension (rows, largest first; "full" on top) and
+    model (columns), from the evaluate stage's counts; None when ``eval.dimensions`` was not set."""
+    manifest = _load(run_dir / "manifest.json") or {}
+    ev = ((manifest.get("stages") or {}).get("evaluate") or {}).get("counts") or {}
+    by_dim = ev.get("ndcg_at_10_by_dimension") or {}
+    if not by_dim:
+        return None
+    full = ev.get("ndcg_at_10") or {}
+    labels = [lb for lb in labels if lb in full]
+    dims = sorted({int(d) for rows in by_dim.values() for d in rows}, reverse=True)
+    rows = [["full", *[full[lb].get("mean", float("nan")) for lb in labels]]]
+    for d in dims:
+        rows.append([d, *[(by_dim.get(lb, {}).get(str(d)) or {}).get("mean", float("nan")) for lb in labels]])
+    return ["dimensions", *labels], rows
+
+
 def _md_table(rows: list[list[Any]], header: list[str]) -> str:
     return format_table([dict(zip(header, r)) for r in rows], header)
 
@@ -215,6 +232,12 @@ def write_report(run_dir: str | Path) -> Path:
             md.append("")
         _bar_plot(tasks, table, plots / "ndcg_per_task.png", f"NDCG@10 ({split} split)")
         md += ["![NDCG@10 per task](report/ndcg_per_task.png)", ""]
+        dims = dimension_rows(run_dir, list(table))
+        if dims:
+            md += ["### NDCG@10 per embedding dimension (mean over tasks)", "",
+                   "Embeddings cut to their first N coordinates and renormalised (Matryoshka); models trained with "
+                   "`train.matryoshka_dims` are meant to hold up, others show what truncation costs them.", "",
+                   _md_table(dims[1], dims[0]), ""]
         md += ["Per-model results in mteb format: `eval/<model>/<task>.json`.", ""]
     else:
         md += ["Not evaluated yet (run the `evaluate` stage).", ""]

@@ -103,6 +103,23 @@ def test_search_uses_all_documents_across_chunks(tiny_bert_dir, tiny_beir):
     assert load_task(f"beir:{tiny_beir}").corpus.num_rows == 8
 
 
+def test_scores_per_dimension_equal_a_truncated_model(tiny_bert_dir, tiny_beir):
+    """eval.dimensions scores cuts of the same encode; each equals encoding with the embedder itself truncating."""
+    from stm_ray.config import EvalConfig
+    from stm_ray.eval.evaluate import evaluate_split
+
+    e = Embedder.from_pretrained(tiny_bert_dir)
+    res = evaluate(e, f"beir:{tiny_beir}", eval_cfg=EvalConfig(dimensions=[64, 32, 8, 4]), show_progress=False)
+    assert sorted(res.by_dimension) == [4, 8]  # 32 is the full size, 64 above it: not cuts
+    assert res.to_mteb_json()["stm_ray"]["by_dimension"]["8"] == res.by_dimension[8]
+    e.truncate_dim = 4
+    assert e.encode_corpus(["wheezing"]).shape == (1, 4)
+    split = load_task(f"beir:{tiny_beir}").split("test")
+    cut = evaluate_split(e, split, k_values=(10,), top_k=10)
+    assert cut.scores["ndcg_at_10"] == pytest.approx(res.by_dimension[4]["ndcg_at_10"])
+    assert cut.scores["ndcg_at_10"] != pytest.approx(res.ndcg_at_10)  # 4 of 32 coordinates rank differently
+
+
 @pytest.mark.slow
 @pytest.mark.scifact
 def test_minilm_reproduces_mteb_scifact():

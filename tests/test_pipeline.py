@@ -65,10 +65,14 @@ def test_report_is_written_and_regenerated(tmp_path, tiny_beir, tiny_bert_dir, c
     from stm_ray.pipeline import run_pipeline
 
     run = tmp_path / "run"
-    m = run_pipeline(_cfg(str(run), tiny_beir, tiny_bert_dir), stages=["evaluate"], show_progress=False)
+    m = run_pipeline(_cfg(str(run), tiny_beir, tiny_bert_dir, "eval.dimensions=[16,8]"), stages=["evaluate"],
+                     show_progress=False)
     text = (run / "report.md").read_text()
-    ndcg = m["stages"]["evaluate"]["counts"]["ndcg_at_10"]["base"]["mean"]
+    counts = m["stages"]["evaluate"]["counts"]
+    ndcg = counts["ndcg_at_10"]["base"]["mean"]
     assert re.search(rf"\| mean +\| {ndcg:.4f} +\|", text) and "No merge yet." in text
+    at8 = counts["ndcg_at_10_by_dimension"]["base"]["8"]["mean"]
+    assert "per embedding dimension" in text and re.search(rf"\| 8 +\| {at8:.4f} +\|", text)
     assert (run / "report" / "ndcg_per_task.png").stat().st_size > 1000
     (run / "report.md").unlink()
     assert main(["report", str(run)]) == 0

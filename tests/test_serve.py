@@ -37,7 +37,9 @@ def served_model(tmp_path_factory, tiny_bert_dir) -> str:
     from stm_ray.modeling import Embedder
 
     out = tmp_path_factory.mktemp("serve") / "run" / "merged"
-    Embedder.from_pretrained(tiny_bert_dir, query_instruction="Find the disease the text describes").save(out)
+    emb = Embedder.from_pretrained(tiny_bert_dir, query_instruction="Find the disease the text describes")
+    emb.matryoshka_dims = [32, 16]  # as train.matryoshka_dims records it: serving may cut embeddings
+    emb.save(out)
     return str(out)
 
 
@@ -53,7 +55,7 @@ def server(ray_local, served_model, tiny_beir, monkeypatch_module):
     run_dir = Path(served_model).parent
     cfg = load_config(None, [f"serve.port={_free_port()}", f"serve.token_env={TOKEN_ENV}", "serve.max_inputs=8",
                              "serve.max_chars=300", "serve.on_too_long=error", "serve.max_top_k=5",
-                             "serve.num_cpus=0.5"])
+                             "serve.num_cpus=0.5", "serve.index_dimension=16"])
     info = start(cfg, str(run_dir), corpus=f"beir:{tiny_beir}", show_progress=False)
     url = info["url"]
     _wait_ok(url)
@@ -113,6 +115,27 @@ def test_embeddings_equal_the_embedder(server, served_model):
     assert len(single["data"]) == 1
     np.testing.assert_allclose(single["data"][0]["embedding"], got[0], atol=1e-5)
 
+    # Matryoshka: dimensions cuts and renormalises (the model records matryoshka_dims); its own size is the full one
+    cut = _post(server["url"], "/v1/embeddings", {"input": texts, "dimensions": 16}).json()
+    cut = np.array([d["embedding"] for d in cut["data"]], dtype=np.float32)
+    expected = got[:, :16] / np.linalg.norm(got[:, :16], axis=1, keepdims=True)
+    assert cut.shape == (3, 16)
+    np.testing.assert_allclose(cut, expected, atol=1e-5)
+    full = _post(server["url"], "/v1/embeddings", {"input": texts, "dimensions": 32}).json()
+    np.testing.assert_allclose([d["embedding"] for d in full["data"]], got, atol=1e-5)
+
+
+def test_dimensions_refused_for_a_model_not_trained_to_be_cut():
+    from types import SimpleNamespace
+
+    from stm_ray.serve.app import Retriever
+
+    cls = Retriever.func_or_class
+    plain = SimpleNamespace(emb=SimpleNamespace(dim=32, matryoshka_dims=None))
+    r = cls._dimensions(plain, 16)
+    assert r.status_code == 400 and b"not trained to be cut" in r.body and b"matryoshka_dims" in r.body
+    assert cls._dimensions(plain, 32) is None and cls._dimensions(plain, None) is None
+
 
 def test_openai_client(server, served_model):
     from openai import OpenAI
@@ -135,9 +158,11 @@ def test_search_matches_exact_search(server, served_model, tiny_beir):
     from stm_ray.modeling import Embedder
 
     emb = Embedder.from_pretrained(served_model)
+    emb.truncate_dim = 16  # the server's index keeps 16 of 32 dimensions (serve.index_dimension)
     task = load_task(f"beir:{tiny_beir}")
     ids = task.corpus.column("_id").to_pylist()
     doc_vecs = emb.encode_corpus(task.doc_texts())
+    assert requests.get(f"{server['url']}/health", timeout=10).json()["index_dim"] == 16
     for q in (QUERIES["q4"], QUERIES["q7"]):
         r = _post(server["url"], "/search", {"query": q, "top_k": 3, "return_text": True})
         assert r.status_code == 200, r.text
@@ -160,7 +185,9 @@ BAD = [
     ("/v1/embeddings", '{"model": "m"}', 422, ["input", "required"]),
     ("/v1/embeddings", '{"input": "x", "encoding_format": "hex"}', 422, ["encoding_format"]),
     ("/v1/embeddings", '{"input": "x", "input_type": "passage"}', 422, ["input_type"]),
-    ("/v1/embeddings", '{"input": "x", "dimensions": 7}', 400, ["dimensions"]),
+    ("/v1/embeddings", '{"input": "x", "dimensions": 64}', 400, ["dimensions", "above"]),
+    ("/v1/embeddings", '{"input": [101, 2023, 102]}', 400, ["token ids", "send a string"]),
+    ("/v1/embeddings", '{"input": [[101, 2023], [102]]}', 400, ["token ids", "send a string"]),
     ("/v1/embeddings", '{"input": []}', 400, ["empty"]),
     ("/v1/embeddings", '{"input": ["a", "  "]}', 400, ["input[1]", "empty"]),
     ("/v1/embeddings", '{"input": ""}', 400, ["empty"]),

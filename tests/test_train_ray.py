@@ -42,7 +42,7 @@ def test_two_experts_train_in_parallel_and_load_in_sentence_transformers(ray_loc
     from stm_ray.train import summary_table, train_experts
 
     shards = make_shards(tmp_path / "shards", f"beir:{beir_train_dev}")
-    cfg = _cfg(tmp_path, tiny_bert_dir, shards, "train.epochs=2")
+    cfg = _cfg(tmp_path, tiny_bert_dir, shards, "train.epochs=2", "train.matryoshka_dims=[16,32]")
     results = train_experts(cfg, show_progress=False)
     assert sorted(r.name for r in results) == ["alpha", "beta"]
     a, b = results
@@ -54,12 +54,23 @@ def test_two_experts_train_in_parallel_and_load_in_sentence_transformers(ray_loc
         assert 0.0 <= r.dev_ndcg_at_10[f"beir:{beir_train_dev}"] <= 1.0
         assert (Path(r.path) / "loss.png").stat().st_size > 1000
         _st_matches_embedder(r.path, ["broken thigh bone", "Asthma is a chronic disease"])
+    # Matryoshka: the dimensions are recorded; sentence-transformers' truncate_dim gives our truncated embeddings
+    from sentence_transformers import SentenceTransformer
+
+    from stm_ray.modeling import Embedder
+
+    assert json.loads((Path(a.path) / "stm_ray.json").read_text())["matryoshka_dims"] == [32, 16]
+    assert json.loads((Path(a.path) / "config_sentence_transformers.json").read_text())["matryoshka_dims"] == [32, 16]
+    ours = Embedder.from_pretrained(a.path)
+    assert ours.matryoshka_dims == [32, 16]
+    ours.truncate_dim = 16
+    st16 = SentenceTransformer(a.path, device="cpu", truncate_dim=16).encode(["broken thigh bone"],
+                                                                              normalize_embeddings=True)
+    np.testing.assert_allclose(st16, ours.encode_corpus(["broken thigh bone"]), atol=1e-5)
     summary = json.loads((tmp_path / "run" / "experts" / "summary.json").read_text())
     assert summary["base"]["dev_ndcg_at_10"] and [e["name"] for e in summary["experts"]] == ["alpha", "beta"]
     assert "alpha" in summary_table(results, summary["base"]["dev_ndcg_at_10"])
     # the experts differ from the base and from each other (they trained on different rows)
-    from stm_ray.modeling import Embedder
-
     base = Embedder.from_pretrained(tiny_bert_dir).encode_corpus(["wheezing"])
     ea, eb = (Embedder.from_pretrained(r.path).encode_corpus(["wheezing"]) for r in results)
     assert not np.allclose(base, ea, atol=1e-4) and not np.allclose(ea, eb, atol=1e-4)
@@ -68,25 +79,36 @@ def test_two_experts_train_in_parallel_and_load_in_sentence_transformers(ray_loc
     assert all(r.skipped for r in again) and [r.steps for r in again] == [8, 8]
 
 
-def _loss_curve(tmp_path, model, shards, workers: int, gather: bool = True) -> list[float]:
+def _loss_curve(tmp_path, model, shards, workers: int, *extra: str, gather: bool = True) -> tuple[list[float], str]:
     from stm_ray.train import train_experts
 
-    cfg = _cfg(tmp_path / f"w{workers}-{gather}", model, shards, "train.batch_size=8", f"train.num_workers={workers}",
-               "train.max_steps=5", "train.lora.dropout=0.0", "train.evaluate_dev=false", "train.learning_rate=1e-3",
-               f"train.gather_across_workers={str(gather).lower()}", "train.checkpoint_every=100")
+    cfg = _cfg(tmp_path / f"w{workers}-{gather}-{len(extra)}", model, shards, "train.batch_size=8",
+               f"train.num_workers={workers}", "train.max_steps=5", "train.lora.dropout=0.0",
+               "train.evaluate_dev=false", "train.learning_rate=1e-3",
+               f"train.gather_across_workers={str(gather).lower()}", "train.checkpoint_every=100", *extra)
     [res] = train_experts(cfg, show_progress=False)
-    return json.loads((Path(res.path) / "metrics.json").read_text())["loss"]
+    return json.loads((Path(res.path) / "metrics.json").read_text())["loss"], res.path
 
 
 def test_two_workers_equal_one_worker(ray_local, tiny_bert_nodrop_dir, beir_train_dev, tmp_path):
+    """The same global batch gives the same loss curve on 1 and 2 workers, with GradCache (mini-batches of 2
+    queries), and with GradCache under DeepSpeed ZeRO-2 (whose rank-1 shard is checkpointed)."""
     shards = make_shards(tmp_path / "shards", f"beir:{beir_train_dev}", experts=("solo",), copies=5)
-    one = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 1)
-    two = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 2)
+    one, _ = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 1)
+    two, _ = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 2)
     assert len(one) == len(two) == 5
     assert one[0] != one[-1]  # it trains
     np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)
+    cached, _ = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 2, "train.grad_cache=2")
+    np.testing.assert_allclose(cached, one, rtol=1e-4, atol=1e-5)
+    ds, path = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 2, "train.grad_cache=2", "train.strategy=deepspeed",
+                           "train.zero_stage=2", "train.checkpoint_every=2")
+    np.testing.assert_allclose(ds, one, rtol=1e-4, atol=1e-5)
+    ckpts = sorted(p for p in Path(path).parent.parent.glob("train/*/checkpoint_2*") if p.is_dir())
+    assert ckpts and any(p.name.startswith("zero_pp_rank_1") for p in ckpts[-1].rglob("*"))  # rank 1's ZeRO shard
+    _st_matches_embedder(path, ["salmonella illness from food"])
     # without gathering, each worker sees half the negatives: a different (lower) loss
-    local = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 2, gather=False)
+    local, _ = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 2, gather=False)
     assert local[0] < one[0] - 1e-3
 
 
@@ -138,19 +160,6 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_bert_dir, beir_tr
     _st_matches_embedder(res.path, ["middle ear infection"])
 
 
-def test_deepspeed_zero2_two_workers(ray_local, tiny_bert_dir, beir_train_dev, tmp_path):
-    from stm_ray.train import train_experts
-
-    shards = make_shards(tmp_path / "shards", f"beir:{beir_train_dev}", experts=("solo",))
-    cfg = _cfg(tmp_path, tiny_bert_dir, shards, "train.strategy=deepspeed", "train.zero_stage=2",
-               "train.num_workers=2", "train.max_steps=4", "train.checkpoint_every=2", "train.evaluate_dev=false")
-    [res] = train_experts(cfg, show_progress=False)
-    assert res.steps == 4
-    ckpts = sorted(p for p in (tmp_path / "run" / "train").glob("*/checkpoint_2*") if p.is_dir())
-    assert ckpts and any(p.name.startswith("zero_pp_rank_1") for p in ckpts[-1].rglob("*"))  # rank 1's ZeRO shard
-    _st_matches_embedder(res.path, ["salmonella illness from food"])
-
-
 def test_decoder_expert_eos_pooling_bidirectional(ray_local, tiny_llama_dir, beir_train_dev, tmp_path):
     from stm_ray.train import train_experts
 
@@ -174,3 +183,13 @@ def test_unknown_expert_tag_is_a_clear_error(tmp_path, beir_train_dev, tiny_bert
     cfg = _cfg(tmp_path, tiny_bert_dir, shards, "train.experts={x: [gamma]}")
     with pytest.raises(DataError, match=r"train.experts.x: tag\(s\) \['gamma'\] not in the shards; tags found: \['alpha', 'beta'\]"):
         train_experts(cfg, show_progress=False)
+
+
+@pytest.mark.slow  # ~1 min; ZeRO-2 + GradCache runs in the fast tier (test_two_workers_equal_one_worker)
+def test_deepspeed_zero3_grad_cache_equals_plain(ray_local, tiny_bert_nodrop_dir, beir_train_dev, tmp_path):
+    shards = make_shards(tmp_path / "shards", f"beir:{beir_train_dev}", experts=("solo",), copies=5)
+    one, _ = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 1)
+    z3, path = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 2, "train.grad_cache=3", "train.strategy=deepspeed",
+                           "train.zero_stage=3")
+    np.testing.assert_allclose(z3, one, rtol=1e-4, atol=1e-5)
+    _st_matches_embedder(path, ["salmonella illness from food"])

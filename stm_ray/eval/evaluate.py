@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
     per_query: dict[str, dict[str, float]] = field(default_factory=dict)
     mteb_scores: dict[str, float] | None = None
+    by_dimension: dict[int, dict[str, float]] = field(default_factory=dict)  # Matryoshka: scores per truncation
 
     @property
     def ndcg_at_10(self) -> float:
@@ -46,25 +48,46 @@ class EvalResult:
         return {"dataset_revision": "local", "task_name": self.task, "mteb_version": mteb.__version__,
                 "scores": {self.split: [entry]}, "evaluation_time": self.evaluation_time, "kg_co2_emissions": None,
                 "stm_ray": {"model": self.model, "num_queries": self.num_queries, "num_documents": self.num_documents,
-                            "timings": self.timings, "mteb_cross_check": self.mteb_scores}}
+                            "timings": self.timings, "mteb_cross_check": self.mteb_scores,
+                            **({"by_dimension": {str(k): v for k, v in self.by_dimension.items()}}
+                               if self.by_dimension else {})}}
 
 
 def evaluate_split(embedder, split: RetrievalSplit, *, k_values=(1, 3, 5, 10, 100), top_k: int = 100,
                    corpus_chunk_size: int = 50_000, corpus_emb=None, show_progress: bool = False,
-                   model_name: str = "") -> EvalResult:
-    """Evaluate one split. ``corpus_emb`` reuses document embeddings already computed for this corpus."""
+                   model_name: str = "", dimension: int | None = None,
+                   dimensions: Sequence[int] = ()) -> EvalResult:
+    """Evaluate one split. ``corpus_emb`` reuses document embeddings already computed for this corpus.
+
+    ``dimension`` scores the embeddings cut to their first ``dimension`` coordinates (Matryoshka truncation,
+    renormalised); ``dimensions`` adds NDCG@10 and Recall@10 at each of those cuts from the same encode
+    (``by_dimension``; cuts at or above the embedding size are the full embedding and skipped).
+    """
+    from stm_ray.modeling.embedder import truncate
+
     t0 = time.perf_counter()
     if corpus_emb is None:
         corpus_emb = embedder.encode_corpus(split.corpus, show_progress=show_progress)
     t1 = time.perf_counter()
     q = embedder.encode_queries(split.queries, show_progress=show_progress)
     t2 = time.perf_counter()
+    norm = getattr(embedder, "normalize", True)
+    full = q.shape[-1]
+    q, corpus_emb = truncate(q, dimension, norm), truncate(corpus_emb, dimension, norm)
     scores, idx = exact_search(q, corpus_emb, top_k=max(top_k, max(k_values)), corpus_chunk_size=corpus_chunk_size)
     means, per_query = evaluate_run(to_run(split.query_ids, split.corpus_ids, scores, idx), split.relevant, k_values)
+    by_dim: dict[int, dict[str, float]] = {}
+    for dim in sorted(set(dimensions), reverse=True):
+        if dim >= min(full, q.shape[-1]):
+            continue
+        s, i = exact_search(truncate(q, dim, norm), truncate(corpus_emb, dim, norm), top_k=10,
+                            corpus_chunk_size=corpus_chunk_size)
+        m, _ = evaluate_run(to_run(split.query_ids, split.corpus_ids, s, i), split.relevant, (10,))
+        by_dim[dim] = {"ndcg_at_10": m["ndcg_at_10"], "recall_at_10": m["recall_at_10"]}
     t3 = time.perf_counter()
     return EvalResult(model_name or embedder.name_or_path, split.task, split.split, means, len(split), len(split.corpus),
                       t3 - t0, {"encode_corpus_s": t1 - t0, "encode_queries_s": t2 - t1, "search_s": t3 - t2},
-                      per_query)
+                      per_query, by_dimension=by_dim)
 
 
 def evaluate(model, task: str | RetrievalTask, split: str = "test", *, model_cfg=None, eval_cfg=None,
@@ -87,7 +110,7 @@ def evaluate(model, task: str | RetrievalTask, split: str = "test", *, model_cfg
     log.info("evaluating %s on %s/%s: %d queries, %d documents", model.name_or_path, spec, split, len(sp), len(sp.corpus))
     res = evaluate_split(model, sp, k_values=tuple(eval_cfg.k_values), top_k=eval_cfg.top_k,
                          corpus_chunk_size=eval_cfg.corpus_chunk_size, show_progress=show_progress,
-                         model_name=model.name_or_path)
+                         model_name=model.name_or_path, dimensions=eval_cfg.dimensions or ())
     res.task = spec
     if use_mteb if use_mteb is not None else eval_cfg.use_mteb:
         from stm_ray.eval.mteb_adapter import mteb_scores
@@ -151,6 +174,7 @@ def evaluate_models(cfg, models: dict[str, str], *, show_progress: bool = True) 
     from stm_ray.stage import combine
 
     table: dict[str, dict[str, float]] = {}
+    by_dim: dict[str, dict[str, dict[str, float]]] = {}
     fps = []
     for label, model in models.items():
         out = Path(cfg.run_dir) / "eval" / label  # a folder: <task>.json per task
@@ -170,12 +194,22 @@ def evaluate_models(cfg, models: dict[str, str], *, show_progress: bool = True) 
             log.info("evaluate %s (%s) on %s/%s", label, model, ",".join(todo), cfg.data.test_split)
             evaluate_tasks(cfg, model=model, tasks=todo, output=out, show_progress=show_progress, records=records)
         table[label] = {}
+        dims: dict[str, dict[str, float]] = {}
         for t, p in paths.items():
             res = json.loads(p.read_text(encoding="utf-8"))
             table[label][t] = res["scores"][cfg.data.test_split][0]["ndcg_at_10"]
+            for dim, sc in (res.get("stm_ray", {}).get("by_dimension") or {}).items():
+                dims.setdefault(dim, {})[t] = sc["ndcg_at_10"]
         table[label]["mean"] = sum(table[label][t] for t in cfg.data.tasks) / len(cfg.data.tasks)
         log.info("NDCG@10 %s: %s", label, ", ".join(f"{k} {v:.4f}" for k, v in table[label].items()))
-    return {"split": cfg.data.test_split, "ndcg_at_10": table, "fingerprint": combine(fps)}
+        for dim, row in dims.items():
+            if len(row) == len(cfg.data.tasks):
+                row["mean"] = sum(row.values()) / len(row)
+                by_dim.setdefault(label, {})[dim] = row
+    out: dict[str, Any] = {"split": cfg.data.test_split, "ndcg_at_10": table, "fingerprint": combine(fps)}
+    if by_dim:
+        out["ndcg_at_10_by_dimension"] = by_dim  # {label: {dimension: {task: v, "mean": m}}}
+    return out
 
 
 def results_table(results: list[EvalResult]) -> str:

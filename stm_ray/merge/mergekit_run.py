@@ -70,6 +70,15 @@ def mergekit_config(method: str, weights: dict[str, float], *, base: str | None 
     return cfg
 
 
+def _matryoshka_dims(folder: str | Path) -> list[int]:
+    from stm_ray.modeling.embedder import META_FILE
+
+    try:
+        return json.loads((Path(folder) / META_FILE).read_text()).get("matryoshka_dims") or []
+    except (OSError, ValueError):
+        return []
+
+
 def _copy_support_files(src: Path, dst: Path) -> None:
     for item in src.iterdir():
         if item.name in _NOT_COPIED or item.name.startswith(".") or item.suffix in _WEIGHT_FILES:
@@ -129,6 +138,17 @@ def merge_models(method: str, weights: dict[str, float], out: str | Path, *, bas
         meta_path = tmp / META_FILE
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         meta["merge"] = {"method": method, "weights": weights, "density": density, "base": base, **(metadata or {})}
+        if meta.get("matryoshka_dims") or any(_matryoshka_dims(p) for p in kept):
+            # the dimensions every merged model was trained for (the first expert's metadata was copied)
+            common = set.intersection(*(set(_matryoshka_dims(p)) for p in kept)) if kept else set()
+            meta["matryoshka_dims"] = sorted(common, reverse=True) or None
+            st_cfg = tmp / "config_sentence_transformers.json"
+            if st_cfg.is_file():
+                doc = json.loads(st_cfg.read_text())
+                doc.pop("matryoshka_dims", None)
+                if meta["matryoshka_dims"]:
+                    doc["matryoshka_dims"] = meta["matryoshka_dims"]
+                st_cfg.write_text(json.dumps(doc, indent=2) + "\n")
         if fingerprint is not None:  # the merge search's fingerprint (what model_fingerprint reads)
             meta["fingerprint"] = fingerprint
         else:

@@ -107,7 +107,7 @@ def merge_trial(config: dict[str, Any], spec: dict[str, Any], dev) -> None:
         merge_models(method, {spec["paths"][c]: w for c, w in weights.items()}, scratch, base=spec["base"],
                      density=density, dtype=spec["dtype"], query_instruction=spec["query_instruction"], seed=spec["seed"])
         emb = Embedder.from_pretrained(str(scratch), **spec["model_kwargs"])
-        s = score_embedder(emb, dev)
+        s = score_embedder(emb, dev, dimension=spec["dimension"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     tune.report({"objective": objective(s.ndcg_at_10, s.recall_at_10), "ndcg_at_10": s.ndcg_at_10,
@@ -152,15 +152,16 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
     if decision.action == "reuse":
         return MergeSearchResult(**prev["result"], trials=prev["trials"], skipped=True)
     init_local_ray()
-    log.info("merge search over %d expert(s) %s: methods %s, searcher %s", len(experts), list(experts), m.methods,
-             m.searcher)
+    log.info("merge search over %d expert(s) %s: methods %s, searcher %s%s", len(experts), list(experts), m.methods,
+             m.searcher, f", scored at {m.dimension} dimensions" if m.dimension else "")
     base = str(prepare_base(cfg.model, run_dir / "search" / "base"))
     dev = dev_sets(cfg)
     model_kwargs = {"max_length": cfg.model.max_length, "batch_size": cfg.model.batch_size, "device": "cpu"
                     if s.gpus_per_trial == 0 else "auto", "dtype": cfg.model.dtype}
     if instr is not None:
         model_kwargs["query_instruction"] = instr
-    refs = score_folders({"base": base, **experts}, dev, model_kwargs, cpus=s.cpus_per_trial, gpus=s.gpus_per_trial)
+    refs = score_folders({"base": base, **experts}, dev, model_kwargs, cpus=s.cpus_per_trial, gpus=s.gpus_per_trial,
+                         dimension=m.dimension)
     base_dev, experts_dev = refs.pop("base"), refs
     for n, sc in [("base", base_dev), *experts_dev.items()]:
         log.info("dev NDCG@10 %-24s %.4f", n, sc.ndcg_at_10)
@@ -168,7 +169,7 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
     components = list(experts) + (["base"] if m.include_base and "linear" in m.methods else [])
     paths = {**experts, "base": base}
     spec = {"components": components, "paths": paths, "base": base, "dtype": m.dtype, "query_instruction": instr,
-            "seed": cfg.search.seed, "model_kwargs": model_kwargs, "threads": s.cpus_per_trial,
+            "seed": cfg.search.seed, "model_kwargs": model_kwargs, "threads": s.cpus_per_trial, "dimension": m.dimension,
             "scratch": str(run_dir / "search" / "scratch")}
     from ray import tune
 

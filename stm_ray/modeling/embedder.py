@@ -34,6 +34,16 @@ _ST_OTHER_POOLING_KEYS = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len
 META_FILE = "stm_ray.json"
 
 
+def truncate(emb: np.ndarray, dim: int | None, normalize: bool = True) -> np.ndarray:
+    """Embeddings cut to their first ``dim`` coordinates (Matryoshka), renormalised when the model normalises."""
+    if not dim or dim >= emb.shape[-1]:
+        return emb
+    out = np.ascontiguousarray(emb[..., :dim])
+    if normalize:
+        out /= np.clip(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12, None)
+    return out
+
+
 def instruction_prefix(instruction: str | None) -> str:
     """The query prefix for an instruction: a sentence becomes ``"Instruct: {sentence}\nQuery: "`` (E5-mistral and
     STM's format); text that already ends in whitespace (``"query: "``, ``"Instruct: ...\nQuery: "``) is a prefix
@@ -170,6 +180,8 @@ class Embedder(nn.Module):
         self.is_decoder = is_decoder
         self.batch_size = batch_size
         self.name_or_path = name_or_path
+        self.matryoshka_dims: list[int] | None = None  # prefixes trained to be retrievers of their own
+        self.truncate_dim: int | None = None  # encode() cuts embeddings to this many coordinates (renormalised)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if pooling == "eos" and not ensure_eos_appended(tokenizer):
@@ -212,6 +224,7 @@ class Embedder(nn.Module):
                   is_decoder=decoder, batch_size=batch_size, name_or_path=name_or_path)
         if bidirectional:
             emb.set_bidirectional(True)
+        emb.matryoshka_dims = meta.get("matryoshka_dims")
         emb.to(resolve_device(device))
         emb.eval()
         return emb
@@ -303,7 +316,7 @@ class Embedder(nn.Module):
 
         texts = [str(t) for t in texts]
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, min(self.dim, self.truncate_dim or self.dim)), dtype=np.float32)
         bs = batch_size or self.batch_size
         enc = self.token_ids(texts, prompt, return_attention_mask=True)
         order = np.argsort([-len(x) for x in enc["input_ids"]], kind="stable")
@@ -321,7 +334,7 @@ class Embedder(nn.Module):
                 out[idx] = self.forward(batch).cpu().numpy()
                 bar.update(len(idx))
         self.train(was_training)
-        return out
+        return truncate(out, self.truncate_dim, self.normalize)
 
     def encode_queries(self, queries: Sequence[str], **kw) -> np.ndarray:
         """Queries get the query instruction prefix."""
@@ -369,7 +382,8 @@ class Embedder(nn.Module):
     def metadata(self) -> dict[str, Any]:
         return {"pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length,
                 "query_instruction": self.query_instruction, "document_instruction": self.document_instruction,
-                "is_decoder": self.is_decoder, "bidirectional": self.bidirectional, "base": self.name_or_path}
+                "is_decoder": self.is_decoder, "bidirectional": self.bidirectional, "base": self.name_or_path,
+                "matryoshka_dims": self.matryoshka_dims}
 
     def _write_sentence_transformers_config(self, folder: Path) -> None:
         """The classic sentence-transformers layout (as all-MiniLM-L6-v2 ships it): sentence-transformers 5 and 6
@@ -395,7 +409,9 @@ class Embedder(nn.Module):
                 "__version__": {"sentence_transformers": sentence_transformers.__version__,
                                 "transformers": transformers.__version__, "pytorch": torch.__version__},
                 "prompts": {"query": self.query_instruction, "document": self.document_instruction},
-                "default_prompt_name": None, "similarity_fn_name": "cosine" if self.normalize else "dot"},
+                "default_prompt_name": None, "similarity_fn_name": "cosine" if self.normalize else "dot",
+                # informational (sentence-transformers ignores it): the dimensions worth passing as truncate_dim
+                **({"matryoshka_dims": self.matryoshka_dims} if self.matryoshka_dims else {})},
         }
         for name, obj in files.items():
             (folder / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

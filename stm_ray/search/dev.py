@@ -83,20 +83,23 @@ class DevScore:
         return {PRIMARY: self.ndcg_at_10, TIEBREAK: self.recall_at_10, "per_task": self.per_task}
 
 
-def score_embedder(emb, sets: list[RetrievalSplit], *, corpus_embs: list[np.ndarray] | None = None) -> DevScore:
-    """Score an Embedder on the dev sets (``corpus_embs`` reuses document embeddings per set)."""
+def score_embedder(emb, sets: list[RetrievalSplit], *, corpus_embs: list[np.ndarray] | None = None,
+                   dimension: int | None = None) -> DevScore:
+    """Score an Embedder on the dev sets (``corpus_embs`` reuses document embeddings per set; ``dimension`` scores
+    embeddings cut to that many coordinates)."""
     from stm_ray.eval.evaluate import evaluate_split
 
     per_task = {}
     for i, sp in enumerate(sets):
-        res = evaluate_split(emb, sp, k_values=(10,), top_k=10, corpus_emb=None if corpus_embs is None else corpus_embs[i])
+        res = evaluate_split(emb, sp, k_values=(10,), top_k=10, corpus_emb=None if corpus_embs is None else corpus_embs[i],
+                             dimension=dimension)
         per_task[sp.task] = {PRIMARY: res.scores[PRIMARY], TIEBREAK: res.scores[TIEBREAK]}
     return DevScore(float(np.mean([v[PRIMARY] for v in per_task.values()])),
                     float(np.mean([v[TIEBREAK] for v in per_task.values()])), per_task)
 
 
 def score_folders(paths: dict[str, str], sets: list[RetrievalSplit], model_kwargs: dict[str, Any], *, cpus: int,
-                  gpus: float = 0.0) -> dict[str, DevScore]:
+                  gpus: float = 0.0, dimension: int | None = None) -> dict[str, DevScore]:
     """Dev scores of saved models ({name: folder}), one Ray task each. They are scheduled outside any placement
     group of the caller (a Tune trial that only drives Ray Train holds almost no CPU)."""
     import ray
@@ -108,7 +111,7 @@ def score_folders(paths: dict[str, str], sets: list[RetrievalSplit], model_kwarg
         from stm_ray.modeling import Embedder
 
         torch.set_num_threads(cpus)
-        return score_embedder(Embedder.from_pretrained(path, **model_kwargs), dev)
+        return score_embedder(Embedder.from_pretrained(path, **model_kwargs), dev, dimension=dimension)
 
     ref = ray.put(sets)
     refs = {n: score.options(scheduling_strategy="DEFAULT").remote(p, ref) for n, p in paths.items()}

@@ -50,12 +50,15 @@ class EmbeddingsRequest(BaseModel):
     """OpenAI's embeddings request, plus ``input_type``. Unknown fields (``user``, ...) are ignored."""
 
     model_config = ConfigDict(extra="ignore")
-    input: str | list[str] = Field(..., description="A text or a list of texts.")
+    # token-id arrays (list[int], list[list[int]]) are accepted by the schema only to be refused with a clear 400
+    input: str | list[str] | list[int] | list[list[int]] = Field(..., description="A text or a list of texts.")
     model: str | None = Field(None, description="Accepted and echoed; the server serves one model.")
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32 bytes.")
     input_type: Literal["query", "document"] = Field(
         "query", description="query: the saved query instruction is prepended; document: the document prefix.")
-    dimensions: int | None = Field(None, ge=1, description="Must equal the model's dimension when given.")
+    dimensions: int | None = Field(
+        None, ge=1, description="Cut embeddings to this many coordinates (renormalised): for a model trained with "
+                                "Matryoshka (train.matryoshka_dims); any other model answers its own dimension only.")
 
 
 class SearchRequest(BaseModel):
@@ -230,7 +233,10 @@ class Retriever:
             from stm_ray.serve.index import CorpusIndex
 
             self.index = CorpusIndex.load(args["index_dir"], backend=args["search_backend"],
-                                          faiss_factory=args["faiss_factory"])
+                                          faiss_factory=args["faiss_factory"], dimension=args["index_dimension"])
+            if args["index_dimension"] and not self.emb.matryoshka_dims:
+                log.warning("serve.index_dimension=%d on a model not trained for truncation (no matryoshka_dims in "
+                            "its stm_ray.json): expect lower search quality", args["index_dimension"])
         self.traced = traced_forward(self.emb, self.pad_id)
         self._forward_ids(self.emb.token_ids(["warm up"])["input_ids"])
         log.info("replica ready in %.1f s: model %s (dim %d, %s forward, %d torch threads), index %s",
@@ -330,6 +336,19 @@ class Retriever:
                 out[i] = t[: self.max_chars]
         return out
 
+    def _dimensions(self, dimensions: int | None) -> int | None | Response:
+        """None (the full embedding) or the cut to apply; a 400 that says why when the model can't give it."""
+        if dimensions is None or dimensions == self.emb.dim:
+            return None
+        if dimensions > self.emb.dim:
+            return _error(400, f"dimensions={dimensions} is above the model's {self.emb.dim}", param="dimensions",
+                          code="invalid_dimensions")
+        if not self.emb.matryoshka_dims:
+            return _error(400, f"dimensions={dimensions}: this model gives {self.emb.dim} dimensions and was not "
+                               "trained to be cut (train it with train.matryoshka_dims, e.g. [384, 256, 128, 64])",
+                          param="dimensions", code="invalid_dimensions")
+        return dimensions
+
     # ------------------------------------------------------------------ routes
     @api.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingsRequest),
               summary="OpenAI-compatible embeddings")
@@ -338,13 +357,22 @@ class Retriever:
         if isinstance(req, Response):
             return req
         single = isinstance(req.input, str)
+        if not single and req.input and not isinstance(req.input[0], str):
+            return _error(400, "'input' holds token ids; this server takes text: send a string or a list of strings "
+                               "(OpenAI-style clients that tokenize first have an option to send text, e.g. "
+                               "LangChain's OpenAIEmbeddings(check_embedding_ctx_length=False))",
+                          param="input", code="token_ids_not_supported")
         texts = self._check_texts([req.input] if single else req.input, "input", single)
         if isinstance(texts, Response):
             return texts
-        if req.dimensions is not None and req.dimensions != self.emb.dim:
-            return _error(400, f"dimensions={req.dimensions} is not supported; the model gives {self.emb.dim}",
-                          param="dimensions", code="invalid_dimensions")
+        dim = self._dimensions(req.dimensions)
+        if isinstance(dim, Response):
+            return dim
         vecs, n_tokens = await self.embed(texts, req.input_type)
+        if dim is not None:
+            from stm_ray.modeling.embedder import truncate
+
+            vecs = truncate(vecs, dim, self.emb.normalize)
         if req.encoding_format == "base64":
             data = [{"object": "embedding", "index": i,
                      "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()} for i, v in enumerate(vecs)]
@@ -368,6 +396,10 @@ class Retriever:
             return _error(413, f"top_k={top_k} exceeds serve.max_top_k={self.max_top_k}", param="top_k",
                           code="top_k_too_large")
         vecs, _ = await self.embed(texts, "query")
+        if self.index.dim < vecs.shape[1]:  # serve.index_dimension: the query is cut like the documents
+            from stm_ray.modeling.embedder import truncate
+
+            vecs = truncate(vecs, self.index.dim)
         loop = asyncio.get_running_loop()
         scores, idx = await loop.run_in_executor(None, self.index.search, vecs, top_k)
         results = []
@@ -383,6 +415,7 @@ class Retriever:
     @api.get("/health", summary="Liveness: 200 when the model answers")
     async def health(self) -> Response:
         return _json({"status": "ok", "model": self.model_id, "dim": self.emb.dim, "pid": os.getpid(),
+                      "index_dim": self.index.dim if self.index is not None else None,
                       "documents": len(self.index) if self.index is not None else 0, "stats": self.stats})
 
     @api.get("/v1/models", summary="The served model (OpenAI format)")
@@ -392,6 +425,7 @@ class Retriever:
             return denied
         return _json({"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0,
                                                   "owned_by": "stm-ray", "dimension": self.emb.dim,
+                                                  "matryoshka_dims": self.emb.matryoshka_dims,
                                                   "query_instruction": self.prompts["query"]}]})
 
 

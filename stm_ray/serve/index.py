@@ -106,8 +106,13 @@ class CorpusIndex:
         return Path(folder)
 
     @classmethod
-    def load(cls, folder: str | Path, *, backend: str = "exact", faiss_factory: str = "Flat") -> CorpusIndex:
+    def load(cls, folder: str | Path, *, backend: str = "exact", faiss_factory: str = "Flat",
+             dimension: int | None = None) -> CorpusIndex:
+        """The index saved in ``folder``; ``dimension`` keeps the first coordinates of each embedding
+        (renormalised; queries must then be cut the same way)."""
         import pyarrow.parquet as pq
+
+        from stm_ray.modeling.embedder import truncate
 
         folder = Path(folder)
         if not (folder / META).is_file():
@@ -116,6 +121,9 @@ class CorpusIndex:
         meta = json.loads((folder / META).read_text())
         docs = pq.read_table(folder / "docs.parquet")
         emb = np.load(folder / "embeddings.npy", mmap_mode=None)
+        if dimension is not None and dimension > emb.shape[1]:
+            raise ValueError(f"serve.index_dimension={dimension} is above the index's {emb.shape[1]} dimensions")
+        emb = truncate(emb, dimension)
         return cls([str(x) for x in docs.column("id").to_pylist()], docs.column("text").to_pylist(), emb,
                    backend=backend, faiss_factory=faiss_factory, meta=meta)
 

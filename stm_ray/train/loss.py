@@ -62,13 +62,18 @@ def info_nce(queries: torch.Tensor, docs: torch.Tensor, positive_index: torch.Te
 
 
 def contrastive_step_loss(q_emb: torch.Tensor, d_emb: torch.Tensor, *, n_neg: int, doc_valid: torch.Tensor,
-                          doc_keys: torch.Tensor, temperature: float, gather: bool) -> torch.Tensor:
+                          doc_keys: torch.Tensor, temperature: float, gather: bool,
+                          dims: list[int] | None = None) -> torch.Tensor:
     """The training loss for one worker's slice of a global batch.
 
     Layout of a worker's docs: its B positives first, then B×``n_neg`` negative slots (query i's at
     ``B + i*n_neg ...``). With ``gather``, docs, masks and keys of all workers are concatenated in rank order
     and query i of rank r has its positive at ``r*B*(1+n_neg) + i``; each worker's loss is the mean over its own
     queries, so the average over workers is the global-batch loss.
+
+    ``dims`` (Matryoshka, Kusupati et al. 2022; sentence-transformers' MatryoshkaLoss): the sum over those
+    dimensions of the loss on the embeddings cut to the first ``dim`` coordinates (renormalised by
+    :func:`info_nce`), so that every prefix of the embedding is a retriever of its own.
     """
     b = q_emb.shape[0]
     offset = 0
@@ -79,5 +84,8 @@ def contrastive_step_loss(q_emb: torch.Tensor, d_emb: torch.Tensor, *, n_neg: in
         doc_keys = gather_no_grad(doc_keys)
         offset = dist.get_rank() * b * (1 + n_neg)
     target = torch.arange(b, device=q_emb.device) + offset
-    return info_nce(q_emb, d_emb, target, temperature=temperature, doc_valid=doc_valid, doc_keys=doc_keys,
-                    positive_keys=pos_keys)
+    if not dims:
+        return info_nce(q_emb, d_emb, target, temperature=temperature, doc_valid=doc_valid, doc_keys=doc_keys,
+                        positive_keys=pos_keys)
+    return sum(info_nce(q_emb[:, :k], d_emb[:, :k], target, temperature=temperature, doc_valid=doc_valid,
+                        doc_keys=doc_keys, positive_keys=pos_keys) for k in dims)

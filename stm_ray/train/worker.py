@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from stm_ray.train.batching import build_batch, plan_batches, worker_slice
+from stm_ray.train.grad_cache import deepspeed_backward, grad_cache_step
 from stm_ray.train.loss import contrastive_step_loss
 
 log = logging.getLogger("stm_ray.train")
@@ -148,6 +149,10 @@ def train_loop(config: dict[str, Any]) -> None:
             p.requires_grad_(False)
     if tcfg.gradient_checkpointing:
         emb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    dims = tcfg.matryoshka_dims
+    if dims and max(dims) > emb.dim:
+        raise ValueError(f"train.matryoshka_dims {dims}: the model's embeddings have {emb.dim} dimensions")
+    emb.matryoshka_dims = dims
     net = TwoTower(emb)
     net.train()
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -232,20 +237,33 @@ def train_loop(config: dict[str, Any]) -> None:
             wb = build_batch(rows, worker_slice(batch, rank, world), n_neg=tcfg.negatives_per_query,
                              instruction_mode=tcfg.instruction_mode, fixed_instruction=emb.query_instruction,
                              pool=pool, seed=tcfg.seed, step=gstep)
-            qf = {k: v.to(device) for k, v in emb.tokenize(wb.queries).items()}
-            df = {k: v.to(device) for k, v in emb.tokenize(wb.docs).items()}
-            with autocast:
-                q, d_valid = model(qf, df)
             valid = wb.doc_valid.to(device)
-            d = d_valid.new_zeros((len(valid), d_valid.shape[-1])).index_put((valid.nonzero().squeeze(1),), d_valid)
-            loss = contrastive_step_loss(q, d, n_neg=wb.n_neg, doc_valid=valid, doc_keys=wb.doc_keys.to(device),
-                                         temperature=tcfg.temperature, gather=tcfg.gather_across_workers)
+
+            def loss_fn(q: torch.Tensor, d_rows: torch.Tensor, wb=wb, valid=valid) -> torch.Tensor:
+                d = d_rows.new_zeros((len(valid), d_rows.shape[-1])).index_put((valid.nonzero().squeeze(1),), d_rows)
+                return contrastive_step_loss(q, d, n_neg=wb.n_neg, doc_valid=valid, doc_keys=wb.doc_keys.to(device),
+                                             temperature=tcfg.temperature, gather=tcfg.gather_across_workers,
+                                             dims=dims)
+
+            if engine is None:
+                opt.zero_grad(set_to_none=True)
+            if tcfg.grad_cache:
+                loss = grad_cache_step(model, emb.tokenize, wb.queries, wb.docs, wb.doc_valid, wb.n_neg,
+                                       tcfg.grad_cache, loss_fn, device=device, autocast=autocast,
+                                       backward=deepspeed_backward(engine) if engine is not None else None)
+            else:
+                qf = {k: v.to(device) for k, v in emb.tokenize(wb.queries).items()}
+                df = {k: v.to(device) for k, v in emb.tokenize(wb.docs).items()}
+                with autocast:
+                    q, d_valid = model(qf, df)
+                loss = loss_fn(q, d_valid)
+                if engine is not None:
+                    engine.backward(loss)
+                else:
+                    loss.backward()
             if engine is not None:
-                engine.backward(loss)
                 engine.step()
             else:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
                 if tcfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
                 opt.step()
