@@ -44,3 +44,32 @@ def write_results(script: str, figures: dict[str, Any], claims: list[dict[str, A
             "machine": machine(), "figures": figures, "claims": claims}
     atomic_write_text(out, json.dumps(data, indent=2) + "\n")
     return out
+
+
+def bm25_shards(out: Path, spec: str, split, *, expert: str, max_rows: int | None = None, seed: int = 13) -> Path:
+    """Training shards (the Synthesize schema) from a split's (query, relevant document) pairs with one BM25-mined
+    hard negative each (NV-Retriever filter at 0.95 of the positive's score); ``max_rows`` keeps a deterministic
+    sample. Written once: a rerun reuses ``out``."""
+    import random
+
+    import pyarrow as pa
+
+    from stm_ray.data.shards import write_shard
+    from stm_ray.synth.mine import mine_bm25
+
+    if (out / "part-00000.parquet").is_file():
+        return out
+    pos = {d: i for i, d in enumerate(split.corpus_ids)}
+    pairs = [(qi, pos[d]) for qi, qid in enumerate(split.query_ids)
+             for d, rel in split.relevant.get(qid, {}).items() if rel > 0 and d in pos]
+    if max_rows is not None and len(pairs) > max_rows:
+        pairs = sorted(random.Random(seed).sample(pairs, max_rows))
+    judged = [{pos[d] for d in split.relevant.get(split.query_ids[q], {}) if d in pos} for q, _ in pairs]
+    queries = [split.queries[q] for q, _ in pairs]
+    mined = mine_bm25(queries, split.corpus, [[p] for _, p in pairs], judged, depth=50, count=1, margin=0.95)
+    rows = [{"query_id": split.query_ids[q], "query": split.queries[q], "positive_id": split.corpus_ids[p],
+             "positive": split.corpus[p], "negatives": [split.corpus[j] for j in mined.indices[i]],
+             "negative_sources": ["mined-bm25"] * len(mined.indices[i]), "instruction": "", "task": spec,
+             "expert": expert} for i, (q, p) in enumerate(pairs)]
+    write_shard(pa.Table.from_pylist(rows), out / "part-00000.parquet")
+    return out

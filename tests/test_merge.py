@@ -129,6 +129,26 @@ def test_weight_zero_drops_an_expert(bert_models, tmp_path):
         torch.testing.assert_close(_weights(str(empty))[k], v)
 
 
+def test_merged_model_keeps_the_matryoshka_dims_all_experts_share(bert_models, tmp_path):
+    import json
+    import shutil
+
+    base, a, b = bert_models
+    folders = []
+    for src, dims in ((a, [32, 16]), (b, [32, 16, 8])):
+        dst = tmp_path / Path(src).name
+        shutil.copytree(src, dst)
+        meta = json.loads((dst / "stm_ray.json").read_text())
+        (dst / "stm_ray.json").write_text(json.dumps({**meta, "matryoshka_dims": dims}))
+        folders.append(str(dst))
+    out = merge_models("linear", {folders[0]: 0.5, folders[1]: 0.5}, tmp_path / "both", base=base)
+    assert Embedder.from_pretrained(str(out)).matryoshka_dims == [32, 16]
+    assert json.loads((out / "config_sentence_transformers.json").read_text())["matryoshka_dims"] == [32, 16]
+    mixed = merge_models("linear", {folders[0]: 0.5, b: 0.5}, tmp_path / "mixed", base=base)  # b: not trained for it
+    assert Embedder.from_pretrained(str(mixed)).matryoshka_dims is None
+    assert "matryoshka_dims" not in json.loads((mixed / "config_sentence_transformers.json").read_text())
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
 def test_bert_task_vector_methods(bert_models, tmp_path, method):
     base, a, b = bert_models

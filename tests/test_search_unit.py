@@ -82,3 +82,18 @@ def test_embedder_formats_query_instructions_only(tiny_bert_dir):
     assert emb.query_instruction == "Instruct: Match the query\nQuery: "
     emb.query_instruction = None
     assert emb.query_instruction == ""
+
+
+def test_dev_score_at_a_chosen_dimension(tiny_bert_dir, tiny_beir):
+    """merge.dimension: trials are scored on cut embeddings, as the Embedder cutting them itself would score."""
+    from stm_ray.data import load_task
+    from stm_ray.modeling import Embedder
+    from stm_ray.search.dev import score_embedder
+
+    sp = load_task(f"beir:{tiny_beir}").split("test")
+    sp.task = "t"
+    emb = Embedder.from_pretrained(tiny_bert_dir)
+    full, cut = score_embedder(emb, [sp]), score_embedder(emb, [sp], dimension=4)
+    emb.truncate_dim = 4
+    assert cut.as_dict() == score_embedder(emb, [sp]).as_dict() and cut.ndcg_at_10 != full.ndcg_at_10
+    assert load_config(None, ["merge.dimension=128"]).merge.dimension == 128

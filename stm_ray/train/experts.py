@@ -54,6 +54,7 @@ class ExpertResult:
     finished_at: float = 0.0
     skipped: bool = False
     fingerprint: str = ""
+    peak_memory_gib: float | None = None  # rank 0's peak (RSS on CPU, allocated memory on a GPU)
 
 
 def expert_groups(table: pa.Table, experts: dict[str, list[str]]) -> dict[str, pa.Table]:
@@ -239,7 +240,8 @@ def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = No
     res = ExpertResult(name=name, path=str(out), rows=len(rows), steps=state["step"],
                        final_loss=float(np.mean(state["loss"][-max(1, min(10, len(state["loss"]))):])),
                        samples_per_s=sps, wall_s=wall, resumed_from=state["resumed_from"], dev_ndcg_at_10=dev,
-                       started_at=started, finished_at=finished, fingerprint=fp.value)
+                       started_at=started, finished_at=finished, fingerprint=fp.value,
+                       peak_memory_gib=state.get("peak_memory_gib"))
     _plot_loss(state["loss"], out / "loss.png", f"expert {name}")
     atomic_write_json(out / "metrics.json", {"result": asdict(res), "loss": state["loss"], "lr": state["lr"],
                                              "step_seconds": state["step_seconds"], "world_size": state["world_size"],

@@ -112,6 +112,15 @@ def _progress_actor(name: str | None):
         return None
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """This worker's peak memory so far: the CUDA allocator's peak on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` for :class:`ray.train.torch.TorchTrainer` (see :func:`stm_ray.train.experts.train_expert`)."""
     import ray
@@ -195,6 +204,7 @@ def train_loop(config: dict[str, Any]) -> None:
     progress = _progress_actor(config.get("progress_actor")) if rank == 0 else None
 
     def save_checkpoint(final: bool) -> None:
+        state["peak_memory_gib"] = max(state.get("peak_memory_gib") or 0.0, peak_memory_gib(device))
         metrics = {"step": state["step"], "loss": state["loss"][-1] if state["loss"] else math.nan,
                    "final": final}
         with tempfile.TemporaryDirectory(prefix="stm-ckpt-") as tmp:
