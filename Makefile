@@ -39,6 +39,8 @@ bench: $(STAMP) bench-infinity
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/eval_reference.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_scifact.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_scale.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/decoder_expert.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_synthesis.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_merge_search.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_serve.py

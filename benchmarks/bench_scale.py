@@ -6,7 +6,8 @@ is a new process and its peak RSS is its own.
 
 Memory and speed (documents and queries at ``--mem-max-length`` tokens, 256 by default as in train_scifact.py):
   M1. plain path, global batch 16;  M2. plain path, global batch 32 (the previous reference: ~17 GB);
-  M3. GradCache, global batch 256, mini-batches of ``--chunk`` queries (with their documents).
+  M3. GradCache, global batch 256, mini-batches of ``--chunk`` queries (with their documents);
+  M4. the same with mini-batches of 4 queries.
   Peak memory is the worker's peak RSS; samples/s is steady state (per-step times after the first step).
   The plain path's largest batch that fits is extrapolated from M1 and M2 (peak grows linearly with the batch) to
   this machine's memory less 4 GiB; running it to find out would take the machine down.
@@ -14,9 +15,12 @@ Memory and speed (documents and queries at ``--mem-max-length`` tokens, 256 by d
 Quality (``--max-length`` tokens, 128 by default, to keep the CPU time near an hour; same rows, same epochs):
   Q0. the base model;  Q1. batch 32, plain path, lr 3e-4;  Q2. batch 256, GradCache, lr 8.5e-4 (3e-4 × √8, the
   square-root rule for Adam). Both experts train with ``train.matryoshka_dims=[384, 256, 128, 64]``; every model is
-  scored on SciFact test at 384, 256, 128 and 64 dimensions from one encode.
+  scored on SciFact test at 384, 256, 128 and 64 dimensions from one encode. Q3: the two experts merged by mergekit
+  (linear, 0.5 / 0.5), scored the same way: does the Matryoshka property survive a merge? Q4: batch 32 with a full
+  fine-tune (``train.lora=null``, lr 5e-5) instead of LoRA: does a rank-16 adapter limit how well the prefixes learn?
 
-Goals (issue 23): GradCache at batch 256 under 6 GB peak; the batch-256 expert no worse than the batch-32 expert on
+Goals (issue 23): GradCache at batch 256 under 6 GB peak (10^9 bytes; peak RSS of the worker process, so it
+includes the ~1-2 GB a Ray worker with torch and the model holds before training); the batch-256 expert no worse than the batch-32 expert on
 NDCG@10; NDCG@10 at 128 dimensions >= 0.97 x the full dimension's (the Matryoshka experts).
 
     python benchmarks/bench_scale.py [--scifact DIR] [--epochs 2] [--skip-memory] [--skip-quality]
@@ -131,19 +135,22 @@ def main() -> int:
         m16 = train(work, "mem-plain-16", shards, ml, steps, "train.batch_size=16")
         m32 = train(work, "mem-plain-32", shards, ml, steps, "train.batch_size=32")
         gc = train(work, "mem-gc-256", shards, ml, steps, "train.batch_size=256", f"train.grad_cache={args.chunk}")
+        gc4 = train(work, "mem-gc-256-c4", shards, ml, steps, "train.batch_size=256", "train.grad_cache=4")
         mem_gib = (machine()["memory_gib"] or 24.0) - 4.0
         per_query = (m32["peak_memory_gib"] - m16["peak_memory_gib"]) / 16
         fits = int(16 + (mem_gib - m16["peak_memory_gib"]) / per_query) if per_query > 0 else None
         figures["memory"] = {"max_length": args.mem_max_length, "steps": args.mem_steps, "plain_16": m16,
-                             "plain_32": m32, "grad_cache_256": gc, "budget_gib": mem_gib,
+                             "plain_32": m32, "grad_cache_256": gc, "grad_cache_256_chunk_4": gc4, "budget_gib": mem_gib,
                              "plain_gib_per_query": per_query, "plain_largest_batch_fitting_extrapolated": fits}
         print(f"\n{'run':34s} {'batch':>6s} {'peak GiB':>9s} {'samples/s':>10s}")
-        for r in (m16, m32, gc):
-            label = f"GradCache (mini-batch {args.chunk})" if r["grad_cache"] else "plain"
+        for r in (m16, m32, gc, gc4):
+            label = f"GradCache (mini-batch {r['grad_cache']})" if r["grad_cache"] else "plain"
             print(f"{label:34s} {r['batch_size']:6d} {r['peak_memory_gib']:9.2f} {r['samples_per_s']:10.2f}")
         print(f"plain path: {per_query:.3f} GiB per query in the batch -> largest batch in {mem_gib:.0f} GiB ~ {fits}")
-        claims.append(claim("GradCache peak memory at global batch 256 (GiB)", round(gc["peak_memory_gib"], 2), "< 6",
-                            gc["peak_memory_gib"] < 6.0))
+        for r in (gc, gc4):  # the goal's "6 GB" read as 10^9 bytes (the stricter reading; GiB are also recorded)
+            gb = r["peak_memory_gib"] * 2**30 / 1e9
+            claims.append(claim(f"GradCache (mini-batch {r['grad_cache']}) peak memory at global batch 256 (GB)",
+                                round(gb, 2), "< 6", gb < 6.0))
 
     if not args.skip_quality:
         ml = f"model.max_length={args.max_length}"
@@ -151,23 +158,36 @@ def main() -> int:
         q32 = train(work, "q-plain-32", shards, *common, "train.batch_size=32", "train.learning_rate=3e-4")
         q256 = train(work, "q-gc-256", shards, *common, "train.batch_size=256", f"train.grad_cache={args.chunk}",
                      "train.learning_rate=8.5e-4")
+        qfull = train(work, "q-full-32", shards, *common, "train.batch_size=32", "train.learning_rate=5e-5",
+                      "train.lora=null")
         test = task.split("test")
         base = evaluate(work, "base", "minilm", test, args.max_length)
         e32 = evaluate(work, "plain-32", q32["path"], test, args.max_length)
         e256 = evaluate(work, "gc-256", q256["path"], test, args.max_length)
+        merged = work / "merged-32-256"
+        if not (merged / "model.safetensors").is_file():
+            from stm_ray.config import ModelConfig
+            from stm_ray.merge import merge_models, prepare_base
+
+            base_dir = prepare_base(ModelConfig(name_or_path="minilm"), work / "base")
+            merge_models("linear", {q32["path"]: 0.5, q256["path"]: 0.5}, merged, base=str(base_dir))
+        em = evaluate(work, "merged", str(merged), test, args.max_length)
+        efull = evaluate(work, "full-32", qfull["path"], test, args.max_length)
         figures["quality"] = {"max_length": args.max_length, "epochs": args.epochs, "matryoshka_dims": DIMS,
-                              "train": {"plain_32": q32, "grad_cache_256": q256},
-                              "eval": {"base": base, "plain_32": e32, "grad_cache_256": e256}}
+                              "train": {"plain_32": q32, "grad_cache_256": q256, "full_ft_32": qfull},
+                              "eval": {"base": base, "plain_32": e32, "grad_cache_256": e256, "merged": em,
+                                       "full_ft_32": efull}}
         print(f"\nNDCG@10 on SciFact test ({args.max_length} tokens)")
         print(f"{'model':40s} " + " ".join(f"{d:>7d}" for d in DIMS) + f" {'128/384':>8s}")
         for label, e in (("base all-MiniLM-L6-v2", base), ("batch 32, plain, Matryoshka", e32),
-                         ("batch 256, GradCache, Matryoshka", e256)):
+                         ("batch 256, GradCache, Matryoshka", e256), ("merge of the two (linear 0.5/0.5)", em),
+                         ("batch 32, full fine-tune, Matryoshka", efull)):
             row = [e["by_dimension"][str(d)] for d in DIMS]
             print(f"{label:40s} " + " ".join(f"{v:7.4f}" for v in row) + f" {row[2] / row[0]:8.3f}")
         claims.append(claim("batch-256 GradCache expert NDCG@10 minus batch-32 expert's",
                             round(e256["ndcg_at_10"] - e32["ndcg_at_10"], 4), ">= 0",
                             e256["ndcg_at_10"] >= e32["ndcg_at_10"]))
-        for label, e in (("batch-32", e32), ("batch-256", e256)):
+        for label, e in (("batch-32", e32), ("batch-256", e256), ("merged", em), ("full fine-tune batch-32", efull)):
             ratio = e["by_dimension"]["128"] / e["ndcg_at_10"]
             claims.append(claim(f"Matryoshka {label} expert: NDCG@10 at 128 dims / at 384", round(ratio, 4), ">= 0.97",
                                 ratio >= 0.97))
