@@ -36,12 +36,28 @@ def claim(name: str, value: float, goal: str, met: bool) -> dict[str, Any]:
     return {"name": name, "value": value, "goal": goal, "met": bool(met)}
 
 
+def scrub_paths(obj: Any) -> Any:
+    """``obj`` with this machine's paths made relative: the repository's to ``./``, its parent's to ``../``, the home
+    folder's to ``~`` (results are committed; paths of the machine are not)."""
+    root = RESULTS.parents[1]
+    prefixes = [(str(root) + os.sep, ""), (str(root.parent) + os.sep, ".." + os.sep), (os.path.expanduser("~"), "~")]
+    if isinstance(obj, str):
+        for old, new in prefixes:
+            obj = obj.replace(old, new)
+        return obj
+    if isinstance(obj, dict):
+        return {k: scrub_paths(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub_paths(v) for v in obj]
+    return obj
+
+
 def write_results(script: str, figures: dict[str, Any], claims: list[dict[str, Any]]) -> Path:
     from stm_ray.utils import atomic_write_text
 
     out = RESULTS / f"{Path(script).stem}.json"
     data = {"script": Path(script).name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(), "figures": figures, "claims": claims}
+            "machine": machine(), "figures": scrub_paths(figures), "claims": claims}
     atomic_write_text(out, json.dumps(data, indent=2) + "\n")
     return out
 

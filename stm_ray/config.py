@@ -205,12 +205,13 @@ class TrainConfig(_Frozen):
     temperature: float = Field(0.05, gt=0.0, description="InfoNCE temperature on cosine similarity (0.05 = scale 20).")
     gather_across_workers: bool = Field(True, description="Use other workers' in-batch negatives (gradients flow back).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, slower).", json_schema_extra=RUNTIME)
-    grad_cache: int | None = Field(
-        None, ge=1, description="GradCache: queries per mini-batch (with their documents). The worker's slice of the "
-                                "global batch is embedded without graphs, the loss's gradients against the embeddings "
-                                "are computed, then each mini-batch runs forward/backward with them: the plain path's "
-                                "update (same global batch, in-batch negatives across workers) in the memory of one "
-                                "mini-batch. None = off.", json_schema_extra=RUNTIME)
+    grad_cache: int | str | None = Field(
+        None, description="GradCache mini-batch: a number of queries (with their documents), e.g. 8, or a token "
+                          "budget, e.g. '4096 tokens' (queries grouped while their padded forward stays within it). "
+                          "The worker's slice of the global batch is embedded without graphs, the loss's gradients "
+                          "against the embeddings are computed, then each mini-batch runs forward/backward with "
+                          "them: the plain path's update (same global batch, in-batch negatives across workers) in "
+                          "the memory of one mini-batch. None = off.", json_schema_extra=RUNTIME)
     matryoshka_dims: list[int] | None = Field(
         None, description="Matryoshka: train so that the first N coordinates of the embedding are a retriever of "
                           "their own, for each N here (e.g. [384, 256, 128, 64]; the loss is the sum over them). "
@@ -233,6 +234,16 @@ class TrainConfig(_Frozen):
     @classmethod
     def _dims(cls, v: list[int] | None) -> list[int] | None:
         return _dimensions(v)
+
+    @field_validator("grad_cache")
+    @classmethod
+    def _grad_cache(cls, v: int | str | None) -> int | str | None:
+        if v is None:
+            return None
+        from stm_ray.train.grad_cache import parse_size
+
+        unit, n = parse_size(v)
+        return n if unit == "queries" else f"{n} tokens"
 
     @model_validator(mode="after")
     def _divisible(self) -> TrainConfig:

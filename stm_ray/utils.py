@@ -108,8 +108,33 @@ def init_local_ray(num_cpus: int | None = None, **kwargs: Any):
             log.warning("ray was imported before stm_ray, so this local Ray listens on the machine's network address: "
                         "import stm_ray first, or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before starting Python")
     kwargs.setdefault("include_dashboard", False)
+    if not kwargs["include_dashboard"]:
+        runtime_env = dict(kwargs.get("runtime_env") or {})
+        runtime_env.setdefault("worker_process_setup_hook", "stm_ray.utils.quiet_ray_workers")
+        kwargs["runtime_env"] = runtime_env
     ray.init(num_cpus=num_cpus, **kwargs)
     return ray
+
+
+# Ray Train's PlacementGroupCleaner asks the State API (served by the dashboard) every few seconds whether the
+# train controller is alive; a local Ray here runs without a dashboard, so each ask fails with a warning, forwarded
+# to the user's console for the whole of training. When another Ray runs on the machine, the ask cannot even pick
+# its cluster and the cleaner's thread dies with a traceback. Nothing is lost by muting it: on a single machine the
+# placement groups go with the local Ray when the driver exits.
+_NOISY_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_ray_workers() -> None:
+    """``worker_process_setup_hook`` of a local Ray without a dashboard (see :data:`_NOISY_RAY_LOGGERS`): the
+    workers' State API calls address their own cluster, and their failure warnings are muted."""
+    for name in _NOISY_RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import ray
+
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    except Exception:  # noqa: BLE001 - a hook must never stop a worker
+        pass
 
 
 def join_cluster_env(address: str) -> None:

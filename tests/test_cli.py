@@ -74,6 +74,7 @@ def test_demo_command_runs_the_main_job_and_prints_the_table(tmp_path):
     synth = manifest["stages"]["synthesize"]["counts"]
     assert synth["synthetic_generated"] == 8 and synth["drops_by_reason"]["engine_error"] == 0 and synth["gen_tokens"]
     assert (tmp_path / "run" / "report.md").is_file() and "report:" in out
+    assert "PlacementGroupCleaner" not in proc.stderr  # Ray Train's dashboard-less cleaner stays quiet
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """GradCache and Matryoshka without a cluster: the cached step's parameter gradients equal the plain step's on the
-same batch (encoder, LoRA, decoder with EOS pooling and bidirectional attention, Matryoshka loss), and the
-Matryoshka loss can fail."""
+same batch (encoder, LoRA, decoder with EOS pooling and bidirectional attention, Matryoshka loss, mini-batches by a
+token budget), and the Matryoshka loss can fail."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from stm_ray.train.batching import TrainRows, build_batch
-from stm_ray.train.grad_cache import grad_cache_step, mini_batches
+from stm_ray.train.grad_cache import (
+    grad_cache_step,
+    mini_batches,
+    parse_size,
+    plan_mini_batches,
+    token_bounds,
+)
 from stm_ray.train.loss import contrastive_step_loss
 from stm_ray.train.worker import TwoTower
 from tests.conftest import DOCS, QUERIES
@@ -49,7 +55,7 @@ def _grads(net) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-@pytest.mark.parametrize("case", ["encoder", "lora", "decoder", "matryoshka"])
+@pytest.mark.parametrize("case", ["encoder", "lora", "decoder", "matryoshka", "tokens"])
 def test_grad_cache_gradients_equal_the_plain_step(case, tiny_bert_nodrop_dir, tiny_llama_dir):
     rows = _rows()
     wb = build_batch(rows, torch.arange(8).numpy(), n_neg=2, instruction_mode="fixed", fixed_instruction="q: ",
@@ -67,7 +73,12 @@ def test_grad_cache_gradients_equal_the_plain_step(case, tiny_bert_nodrop_dir, t
     plain = _grads(net)
     net.zero_grad(set_to_none=True)
 
-    cached_loss = grad_cache_step(net, emb.tokenize, wb.queries, wb.docs, wb.doc_valid, wb.n_neg, 3, loss_fn,
+    size = "200 tokens" if case == "tokens" else 3
+    if case == "tokens":  # uneven groups, several of them
+        sizes = [g[0].stop - g[0].start for g in plan_mini_batches(emb.tokenize, wb.queries, wb.docs, wb.doc_valid,
+                                                                    wb.n_neg, size)]
+        assert len(sizes) >= 3 and len(set(sizes)) > 1, sizes
+    cached_loss = grad_cache_step(net, emb.tokenize, wb.queries, wb.docs, wb.doc_valid, wb.n_neg, size, loss_fn,
                                   device=torch.device("cpu"))
     cached = _grads(net)
     assert plain and set(cached) == set(plain)
@@ -83,6 +94,23 @@ def test_mini_batches_keep_each_query_with_its_documents():
     assert [g[0] for g in groups] == [slice(0, 3), slice(3, 4)]
     # valid docs in slot order: positives 0-3 -> 0..3, slot 4 -> 4, slot 6 -> 5, slot 7 -> 6, slot 10 -> 7
     assert groups[0][1].tolist() == [0, 1, 2, 4, 5, 6] and groups[1][1].tolist() == [3, 7]
+
+
+def test_token_budget_groups_queries_by_their_padded_forward():
+    q_lens = torch.tensor([4, 4, 4, 4, 2, 2])
+    d_lens = torch.tensor([10, 10, 10, 10, 5, 5, 10, 10, 10, 50, 5, 0])  # 6 positives, then 1 negative slot each
+    valid = d_lens > 0
+    bounds = token_bounds(q_lens, d_lens, 1, valid, 50)
+    # 2 x 4 + 4 x 10 = 48 fits, a third query would make 72; query 3 has a 50-token negative: alone (over budget,
+    # but a query's texts are never split); the two short queries fit together: 2 x 2 + 3 x 5 = 19
+    assert bounds == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    groups = mini_batches(6, 1, valid, bounds)
+    assert [g[1].tolist() for g in groups] == [[0, 1, 6, 7], [2, 8], [3, 9], [4, 5, 10]]
+    assert parse_size(8) == ("queries", 8) and parse_size("4096 tokens") == ("tokens", 4096)
+    assert parse_size("512t") == ("tokens", 512) and parse_size("16") == ("queries", 16)
+    for bad in ("many", "0 tokens", 0, "-3"):
+        with pytest.raises(ValueError, match="GradCache mini-batch"):
+            parse_size(bad)
 
 
 def test_matryoshka_loss_counts_every_prefix_and_can_fail():

@@ -92,7 +92,7 @@ def _loss_curve(tmp_path, model, shards, workers: int, *extra: str, gather: bool
 
 def test_two_workers_equal_one_worker(ray_local, tiny_bert_nodrop_dir, beir_train_dev, tmp_path):
     """The same global batch gives the same loss curve on 1 and 2 workers, with GradCache (mini-batches of 2
-    queries), and with GradCache under DeepSpeed ZeRO-2 (whose rank-1 shard is checkpointed)."""
+    queries), and with GradCache by a token budget under DeepSpeed ZeRO-2 (whose rank-1 shard is checkpointed)."""
     shards = make_shards(tmp_path / "shards", f"beir:{beir_train_dev}", experts=("solo",), copies=5)
     one, _ = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 1)
     two, _ = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 2)
@@ -101,7 +101,8 @@ def test_two_workers_equal_one_worker(ray_local, tiny_bert_nodrop_dir, beir_trai
     np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)
     cached, _ = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 2, "train.grad_cache=2")
     np.testing.assert_allclose(cached, one, rtol=1e-4, atol=1e-5)
-    ds, path = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 2, "train.grad_cache=2", "train.strategy=deepspeed",
+    ds, path = _loss_curve(tmp_path, tiny_bert_nodrop_dir, shards, 2, "train.grad_cache=48 tokens",
+                           "train.strategy=deepspeed",
                            "train.zero_stage=2", "train.checkpoint_every=2")
     np.testing.assert_allclose(ds, one, rtol=1e-4, atol=1e-5)
     ckpts = sorted(p for p in Path(path).parent.parent.glob("train/*/checkpoint_2*") if p.is_dir())

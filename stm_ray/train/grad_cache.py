@@ -11,11 +11,16 @@ see the same masks. Gradients are synchronised once per step: DDP's ``no_sync`` 
 DeepSpeed's gradient-accumulation boundary set on the last only, then one optimizer step as before.
 
 Mini-batches are groups of queries with their own documents (positive and negative slots), so a query's texts
-never straddle two forward passes and padding stays per mini-batch.
+never straddle two forward passes and padding stays per mini-batch. Their size is a number of queries
+(``train.grad_cache: 8``) or a token budget (``train.grad_cache: "4096 tokens"``): consecutive queries are grouped
+while the padded tensors of the group's forward (queries × longest query + documents × longest document) stay within
+the budget, so long documents get smaller groups and short ones larger (a query whose own texts exceed the budget
+forms a group alone).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,25 +46,83 @@ class RandState:
             torch.cuda.set_rng_state(self.cuda, device)
 
 
-def mini_batches(n_queries: int, n_neg: int, doc_valid: torch.Tensor, size: int) -> list[tuple[slice, torch.Tensor]]:
-    """``(query slice, indices of its valid documents)`` per group of ``size`` queries.
+def parse_size(size: int | str) -> tuple[str, int]:
+    """``8`` -> ``("queries", 8)``; ``"4096 tokens"`` (or ``"4096t"``) -> ``("tokens", 4096)``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"a GradCache mini-batch needs at least 1 query, got {size}")
+        return "queries", size
+    m = re.fullmatch(r"\s*(\d+)\s*(tokens?|t|queries|q)?\s*", str(size))
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"{size!r} is not a GradCache mini-batch size: give a number of queries (8) or a token "
+                         "budget ('4096 tokens')")
+    unit = "tokens" if (m.group(2) or "q").startswith("t") else "queries"
+    return unit, int(m.group(1))
+
+
+def _query_slots(i: int, n_queries: int, n_neg: int) -> torch.Tensor:
+    return torch.cat([torch.tensor([i]), n_queries + torch.arange(i * n_neg, (i + 1) * n_neg)])
+
+
+def token_bounds(q_lens: torch.Tensor, d_lens: torch.Tensor, n_neg: int, doc_valid: torch.Tensor,
+                 budget: int) -> list[tuple[int, int]]:
+    """Consecutive query ranges ``[a, b)`` whose padded forward (``queries × longest query + documents × longest
+    document``) stays within ``budget`` tokens; ``d_lens`` per document slot (0 for empty slots)."""
+    n_queries = len(q_lens)
+    valid = doc_valid.bool().cpu()
+    bounds: list[tuple[int, int]] = []
+    a, q_max, d_max, n_docs = 0, 0, 0, 0
+    for i in range(n_queries):
+        slots = _query_slots(i, n_queries, n_neg)
+        slots = slots[valid[slots]]
+        nq_max, nd_max = max(q_max, int(q_lens[i])), max([d_max, *(int(d_lens[s]) for s in slots)])
+        cost = (i - a + 1) * nq_max + (n_docs + len(slots)) * nd_max
+        if i > a and cost > budget:
+            bounds.append((a, i))
+            a, nq_max, n_docs = i, int(q_lens[i]), 0
+            nd_max = max([0, *(int(d_lens[s]) for s in slots)])
+        q_max, d_max, n_docs = nq_max, nd_max, n_docs + len(slots)
+    if n_queries:
+        bounds.append((a, n_queries))
+    return bounds
+
+
+def mini_batches(n_queries: int, n_neg: int, doc_valid: torch.Tensor,
+                 size: int | list[tuple[int, int]]) -> list[tuple[slice, torch.Tensor]]:
+    """``(query slice, indices of its valid documents)`` per group of ``size`` queries (or per ``[a, b)`` range
+    of a list).
 
     Document slots are laid out as ``n_queries`` positives, then ``n_neg`` negative slots per query; valid
     documents are numbered in slot order (the order of :class:`~stm_ray.train.batching.WorkerBatch.docs`).
     """
     valid = doc_valid.bool().cpu()
     number = torch.cumsum(valid.long(), 0) - 1  # slot -> index among the valid documents
+    if isinstance(size, int):
+        size = [(a, min(a + size, n_queries)) for a in range(0, n_queries, size)]
     out = []
-    for a in range(0, n_queries, size):
-        b = min(a + size, n_queries)
+    for a, b in size:
         slots = torch.cat([torch.arange(a, b), n_queries + torch.arange(a * n_neg, b * n_neg)])
         slots = slots[valid[slots]]
         out.append((slice(a, b), number[slots]))
     return out
 
 
+def plan_mini_batches(tokenize: Callable[[list[str]], dict[str, torch.Tensor]], queries: list[str], docs: list[str],
+                      doc_valid: torch.Tensor, n_neg: int, size: int | str) -> list[tuple[slice, torch.Tensor]]:
+    """The mini-batches of one step for ``train.grad_cache`` (queries or a token budget)."""
+    unit, n = parse_size(size)
+    if unit == "queries":
+        return mini_batches(len(queries), n_neg, doc_valid, n)
+    q_lens = tokenize(queries)["attention_mask"].sum(1)
+    valid = doc_valid.bool().cpu()
+    d_lens = torch.zeros(len(valid), dtype=torch.long)
+    if docs:
+        d_lens[valid] = tokenize(docs)["attention_mask"].sum(1).cpu()
+    return mini_batches(len(queries), n_neg, doc_valid, token_bounds(q_lens.cpu(), d_lens, n_neg, valid, n))
+
+
 def grad_cache_step(model: torch.nn.Module, tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
-                    queries: list[str], docs: list[str], doc_valid: torch.Tensor, n_neg: int, size: int,
+                    queries: list[str], docs: list[str], doc_valid: torch.Tensor, n_neg: int, size: int | str,
                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, device: torch.device,
                     autocast=None, backward: Callable[[torch.Tensor, bool], None] | None = None) -> torch.Tensor:
     """One GradCache step for a worker's slice: returns the loss (detached); parameter gradients are accumulated
@@ -67,10 +130,11 @@ def grad_cache_step(model: torch.nn.Module, tokenize: Callable[[list[str]], dict
 
     ``model(q_features, d_features) -> (q_emb, d_emb)`` (the two-tower module, DDP- or DeepSpeed-wrapped);
     ``loss_fn(q_emb [B, D], d_emb [valid docs, D]) -> loss``; ``backward(surrogate, last)`` runs one mini-batch's
-    backward (default: ``surrogate.backward()`` inside DDP's ``no_sync`` for all but the last).
+    backward (default: ``surrogate.backward()`` inside DDP's ``no_sync`` for all but the last). ``size``: queries
+    per mini-batch, or a token budget (``"4096 tokens"``, see :func:`plan_mini_batches`).
     """
     autocast = autocast or nullcontext()
-    groups = mini_batches(len(queries), n_neg, doc_valid, size)
+    groups = plan_mini_batches(tokenize, queries, docs, doc_valid, n_neg, size)
     states: list[RandState] = []
     q_parts: list[torch.Tensor] = []
     d_rows: torch.Tensor | None = None
