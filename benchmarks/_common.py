@@ -37,8 +37,8 @@ def claim(name: str, value: float, goal: str, met: bool) -> dict[str, Any]:
 
 
 def scrub_paths(obj: Any) -> Any:
-    """``obj`` with this machine's paths made relative: the repository's to ``./``, its parent's to ``../``, the home
-    folder's to ``~`` (results are committed; paths of the machine are not)."""
+    """``obj`` with this machine's paths made relative: the repository's to relative paths, its parent's to
+    ``../``, the home folder's to ``~`` (results are committed; paths of the machine are not)."""
     root = RESULTS.parents[1]
     prefixes = [(str(root) + os.sep, ""), (str(root.parent) + os.sep, ".." + os.sep), (os.path.expanduser("~"), "~")]
     if isinstance(obj, str):

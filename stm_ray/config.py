@@ -12,6 +12,7 @@ all-MiniLM-L6-v2 (``minilm``) as the base retriever and SmolLM2-135M-Instruct (`
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,20 @@ def output_values(model: BaseModel) -> dict[str, Any]:
         value = getattr(model, name)
         out[name] = output_values(value) if isinstance(value, BaseModel) else _plain(value)
     return out
+
+
+def grad_cache_size(size: int | str) -> tuple[str, int]:
+    """``train.grad_cache``: ``8`` -> ``("queries", 8)``; ``"4096 tokens"`` (or ``"4096t"``) -> ``("tokens", 4096)``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"a GradCache mini-batch needs at least 1 query, got {size}")
+        return "queries", size
+    m = re.fullmatch(r"\s*(\d+)\s*(tokens?|t|queries|q)?\s*", str(size))
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"{size!r} is not a GradCache mini-batch size: give a number of queries (8) or a token "
+                         "budget ('4096 tokens')")
+    unit = "tokens" if (m.group(2) or "q").startswith("t") else "queries"
+    return unit, int(m.group(1))
 
 
 def _dimensions(v: list[int] | None) -> list[int] | None:
@@ -240,9 +255,7 @@ class TrainConfig(_Frozen):
     def _grad_cache(cls, v: int | str | None) -> int | str | None:
         if v is None:
             return None
-        from stm_ray.train.grad_cache import parse_size
-
-        unit, n = parse_size(v)
+        unit, n = grad_cache_size(v)
         return n if unit == "queries" else f"{n} tokens"
 
     @model_validator(mode="after")

@@ -7,14 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stm_ray.config import grad_cache_size
 from stm_ray.train.batching import TrainRows, build_batch
-from stm_ray.train.grad_cache import (
-    grad_cache_step,
-    mini_batches,
-    parse_size,
-    plan_mini_batches,
-    token_bounds,
-)
+from stm_ray.train.grad_cache import grad_cache_step, mini_batches, plan_mini_batches, token_bounds
 from stm_ray.train.loss import contrastive_step_loss
 from stm_ray.train.worker import TwoTower
 from tests.conftest import DOCS, QUERIES
@@ -106,11 +101,11 @@ def test_token_budget_groups_queries_by_their_padded_forward():
     assert bounds == [(0, 2), (2, 3), (3, 4), (4, 6)]
     groups = mini_batches(6, 1, valid, bounds)
     assert [g[1].tolist() for g in groups] == [[0, 1, 6, 7], [2, 8], [3, 9], [4, 5, 10]]
-    assert parse_size(8) == ("queries", 8) and parse_size("4096 tokens") == ("tokens", 4096)
-    assert parse_size("512t") == ("tokens", 512) and parse_size("16") == ("queries", 16)
+    assert grad_cache_size(8) == ("queries", 8) and grad_cache_size("4096 tokens") == ("tokens", 4096)
+    assert grad_cache_size("512t") == ("tokens", 512) and grad_cache_size("16") == ("queries", 16)
     for bad in ("many", "0 tokens", 0, "-3"):
         with pytest.raises(ValueError, match="GradCache mini-batch"):
-            parse_size(bad)
+            grad_cache_size(bad)
 
 
 def test_matryoshka_loss_counts_every_prefix_and_can_fail():

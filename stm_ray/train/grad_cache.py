@@ -20,12 +20,13 @@ forms a group alone).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from stm_ray.config import grad_cache_size
 
 
 @dataclass
@@ -46,22 +47,9 @@ class RandState:
             torch.cuda.set_rng_state(self.cuda, device)
 
 
-def parse_size(size: int | str) -> tuple[str, int]:
-    """``8`` -> ``("queries", 8)``; ``"4096 tokens"`` (or ``"4096t"``) -> ``("tokens", 4096)``."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size < 1:
-            raise ValueError(f"a GradCache mini-batch needs at least 1 query, got {size}")
-        return "queries", size
-    m = re.fullmatch(r"\s*(\d+)\s*(tokens?|t|queries|q)?\s*", str(size))
-    if not m or int(m.group(1)) < 1:
-        raise ValueError(f"{size!r} is not a GradCache mini-batch size: give a number of queries (8) or a token "
-                         "budget ('4096 tokens')")
-    unit = "tokens" if (m.group(2) or "q").startswith("t") else "queries"
-    return unit, int(m.group(1))
-
-
-def _query_slots(i: int, n_queries: int, n_neg: int) -> torch.Tensor:
-    return torch.cat([torch.tensor([i]), n_queries + torch.arange(i * n_neg, (i + 1) * n_neg)])
+def _slots(a: int, b: int, n_queries: int, n_neg: int) -> torch.Tensor:
+    """Document slots of queries ``[a, b)``: their positives, then their ``n_neg`` negative slots each."""
+    return torch.cat([torch.arange(a, b), n_queries + torch.arange(a * n_neg, b * n_neg)])
 
 
 def token_bounds(q_lens: torch.Tensor, d_lens: torch.Tensor, n_neg: int, doc_valid: torch.Tensor,
@@ -71,17 +59,15 @@ def token_bounds(q_lens: torch.Tensor, d_lens: torch.Tensor, n_neg: int, doc_val
     n_queries = len(q_lens)
     valid = doc_valid.bool().cpu()
     bounds: list[tuple[int, int]] = []
-    a, q_max, d_max, n_docs = 0, 0, 0, 0
+    a = q_max = d_max = n_docs = 0
     for i in range(n_queries):
-        slots = _query_slots(i, n_queries, n_neg)
-        slots = slots[valid[slots]]
-        nq_max, nd_max = max(q_max, int(q_lens[i])), max([d_max, *(int(d_lens[s]) for s in slots)])
-        cost = (i - a + 1) * nq_max + (n_docs + len(slots)) * nd_max
-        if i > a and cost > budget:
+        slots = _slots(i, i + 1, n_queries, n_neg)
+        lens = d_lens[slots[valid[slots]]]
+        q_i, d_i, k_i = int(q_lens[i]), int(lens.max()) if len(lens) else 0, len(lens)
+        if i > a and (i - a + 1) * max(q_max, q_i) + (n_docs + k_i) * max(d_max, d_i) > budget:
             bounds.append((a, i))
-            a, nq_max, n_docs = i, int(q_lens[i]), 0
-            nd_max = max([0, *(int(d_lens[s]) for s in slots)])
-        q_max, d_max, n_docs = nq_max, nd_max, n_docs + len(slots)
+            a, q_max, d_max, n_docs = i, 0, 0, 0
+        q_max, d_max, n_docs = max(q_max, q_i), max(d_max, d_i), n_docs + k_i
     if n_queries:
         bounds.append((a, n_queries))
     return bounds
@@ -101,7 +87,7 @@ def mini_batches(n_queries: int, n_neg: int, doc_valid: torch.Tensor,
         size = [(a, min(a + size, n_queries)) for a in range(0, n_queries, size)]
     out = []
     for a, b in size:
-        slots = torch.cat([torch.arange(a, b), n_queries + torch.arange(a * n_neg, b * n_neg)])
+        slots = _slots(a, b, n_queries, n_neg)
         slots = slots[valid[slots]]
         out.append((slice(a, b), number[slots]))
     return out
@@ -110,7 +96,7 @@ def mini_batches(n_queries: int, n_neg: int, doc_valid: torch.Tensor,
 def plan_mini_batches(tokenize: Callable[[list[str]], dict[str, torch.Tensor]], queries: list[str], docs: list[str],
                       doc_valid: torch.Tensor, n_neg: int, size: int | str) -> list[tuple[slice, torch.Tensor]]:
     """The mini-batches of one step for ``train.grad_cache`` (queries or a token budget)."""
-    unit, n = parse_size(size)
+    unit, n = grad_cache_size(size)
     if unit == "queries":
         return mini_batches(len(queries), n_neg, doc_valid, n)
     q_lens = tokenize(queries)["attention_mask"].sum(1)
