@@ -60,11 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run directory of stm-ray run / stm-ray demo")
 
-    p = sub.add_parser("run", help="the whole loop: synthesize, train, instructions, merge, evaluate (, serve)",
+    p = sub.add_parser("run", help="the whole loop: synthesize, train, instructions, merge, evaluate (, rerank, serve)",
                        description="Run the Synthesize-Train-Merge loop over one run directory: synthesize (Ray Data + "
                                    "vLLM) -> train one LoRA expert per source (Ray Train) -> instruction search and "
                                    "merge search (Ray Tune + mergekit) -> evaluate base, every expert and the merged "
-                                   "model on the test split -> optionally serve (--serve). Every output carries the "
+                                   "model on the test split -> with rerank.rerankers set, train those rerankers "
+                                   "(stage 'rerankers', after train) and rerank the merged model's top rerank.top_k "
+                                   "on the test split (stage 'rerank', last) -> optionally serve (--serve). Every "
+                                   "output carries the "
                                    "fingerprint of what produced it (the config fields that change it and its inputs' "
                                    "fingerprints): a rerun reuses an output whose fingerprint matches, redoes one whose "
                                    "fingerprint differs (the log names the fields that changed) and resumes an "
@@ -97,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="JSON file (one task) or folder (several) for mteb-format results")
     p.add_argument("--max-queries", type=int, default=None, help="deterministic subsample of queries")
     p.add_argument("--mteb", action="store_true", help="also run mteb.evaluate on the same model and data and compare")
+    p.add_argument("--rerank", action="append", default=None, metavar="RERANKER",
+                   help="also rerank the model's top rerank.top_k (default 100) with this reranker folder (a "
+                        "cross-encoder or an LLM reranker, ours or sentence-transformers'); repeat for several. "
+                        "Prints the retriever alone and + each reranker")
     p.add_argument("--strict", action="store_true", help="make data problems fatal (qrels naming unknown ids)")
     p.add_argument("--config", help="pipeline config YAML")
     _add_overrides(p)
@@ -134,6 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--shards", default=None, help="shard folder or parquet file (default: train.shards or <run_dir>/synth)")
     p.add_argument("--expert", action="append", default=None, help="train only this expert; repeat for several")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    _add_overrides(p)
+
+    p = sub.add_parser("train-reranker", help="train the rerankers of rerank.rerankers (Ray Train), in parallel",
+                       description="Train rerankers from the synthesized shards (train.shards, default <run_dir>/synth): "
+                                   "each query's positive against its hard negatives (mined and LLM-written), softmax "
+                                   "over the group or pointwise BCE (rerank.loss). Kinds: 'cross-encoder' (an encoder "
+                                   "with a one-logit head, default all-MiniLM-L6-v2, full fine-tune) and 'llm' "
+                                   "(LimRank's pointwise LLM reranker: a decoder with LoRA, default "
+                                   "SmolLM2-135M-Instruct, asked whether the document is relevant; score = p(yes) / "
+                                   "(p(yes) + p(no))). Each is a Ray Train run (rerank.num_workers workers, DDP or "
+                                   "DeepSpeed with rerank.strategy=deepspeed), with checkpoints and resume, all at "
+                                   "once as far as the cluster allows. Writes <run_dir>/rerankers/<name>/: a Hugging "
+                                   "Face folder that sentence_transformers.CrossEncoder(path) loads (both kinds), plus "
+                                   "metrics.json and loss.png. Stage contract as everywhere: a rerun reuses a reranker "
+                                   "whose fingerprint matches. Example: stm-ray train-reranker cfg.yaml "
+                                   "'rerank.rerankers=[cross-encoder,llm]'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
+    p.add_argument("--kind", action="append", choices=["cross-encoder", "llm"], default=None,
+                   help="train this preset (adds it to rerank.rerankers when missing); repeat for both")
+    p.add_argument("--shards", default=None, help="shard folder or parquet file (default: train.shards or <run_dir>/synth)")
+    p.add_argument("--only", action="append", default=None, metavar="NAME", help="train only this reranker")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     _add_overrides(p)
 
@@ -194,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default=None, metavar="TASK", help="task spec whose corpus /search covers, e.g. icd10")
     p.add_argument("--host", default=None, help="bind address (default serve.host = 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port = 8000)")
+    p.add_argument("--reranker", default=None, metavar="FOLDER", help="also serve this reranker at /v1/rerank (Cohere/"
+                   "Jina shape) and for /search with \"rerank\": true (stm-ray train-reranker's folders, or a "
+                   "sentence-transformers cross-encoder)")
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
     p.add_argument("--write-config", default=None, metavar="FILE", help="write a Serve config YAML and exit")
     p.add_argument("--no-block", action="store_true", help="return once the application is up; with --address it "
@@ -257,10 +290,57 @@ def cmd_evaluate(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     _require_local_run_dir(cfg, args.command)
+    if args.rerank:
+        return _evaluate_reranked(cfg, args)
     results = evaluate_tasks(cfg, model=args.model, tasks=args.task, split=args.split, output=args.output,
                              max_queries=args.max_queries, use_mteb=args.mteb or None, strict=args.strict or None)
     print(f"\nmodel: {args.model or cfg.model.name_or_path}")
     print(results_table(results))
+    return 0
+
+
+def _evaluate_reranked(cfg, args) -> int:
+    from stm_ray.eval.evaluate import result_path
+    from stm_ray.rerank.evaluate import rerank_task
+    from stm_ray.tables import format_table
+
+    model = args.model or cfg.model.name_or_path
+    data = cfg.data.model_copy(update={"test_split": args.split or cfg.data.test_split,
+                                       "strict": args.strict or cfg.data.strict})
+    rerank = cfg.rerank.model_copy(update={"max_queries": args.max_queries or cfg.rerank.max_queries})
+    cfg = cfg.model_copy(update={"data": data, "rerank": rerank})
+    tasks = args.task or cfg.data.tasks
+    names = {f"{i}:{Path(r).name}" if len(args.rerank) > 1 else Path(r).name: r for i, r in enumerate(args.rerank)}
+    rows = []
+    for task in tasks:
+        outputs = ({n: result_path(Path(args.output) / f"rerank-{n.replace(':', '_')}", task) for n in names}
+                   if args.output else None)
+        res = rerank_task(cfg, model, names, task, outputs=outputs)
+        rows.append({"task": task, "retriever": res["retriever"]["scores"]["ndcg_at_10"],
+                     **{f"+ {n}": res[n]["scores"]["ndcg_at_10"] for n in names},
+                     **{f"s/query {n}": res[n]["seconds_per_query"] for n in names}})
+    print(f"\nretriever: {model}; top {cfg.rerank.top_k} reranked; NDCG@10 on the {cfg.data.test_split} split")
+    print(format_table(rows, list(rows[0])))
+    return 0
+
+
+def cmd_train_reranker(args) -> int:
+    from stm_ray.config import RERANKER_PRESETS, load_config
+    from stm_ray.rerank.train import summary_table, train_rerankers
+
+    _split_config_arg(args)
+    cfg = load_config(args.config, args.overrides)
+    _require_local_run_dir(cfg, args.command)
+    if args.kind:
+        have = [r.model_dump(mode="json") for r in cfg.rerank.rerankers]
+        add = [RERANKER_PRESETS[k] for k in args.kind if k not in {r["name"] for r in have}]
+        cfg = load_config(args.config, [*args.overrides, f"rerank.rerankers={json.dumps(have + add)}"])
+        args.only = list(dict.fromkeys((args.only or []) + list(args.kind)))
+    t0 = time.perf_counter()
+    results = train_rerankers(cfg, shards=args.shards, only=args.only, show_progress=not args.no_progress)
+    print("\n" + summary_table(results))
+    print(f"\n{len(results)} reranker(s) in {Path(cfg.run_dir) / 'rerankers'} ({time.perf_counter() - t0:.0f} s); "
+          "each loads with sentence_transformers.CrossEncoder(path)")
     return 0
 
 
@@ -386,6 +466,13 @@ def print_summary(run_dir: str | Path, report: Path | None) -> None:
         header, rows = summary_rows(tasks, table)
         print(f"\nNDCG@10 on the {split} split:")
         print(format_table([dict(zip(header, r)) for r in rows], header))
+    from stm_ray.report import rerank_rows
+
+    rr = rerank_rows(Path(run_dir))
+    if rr:
+        header, rows, info = rr
+        print(f"\nreranking the {info['retriever']} retriever's top {info['top_k']} (NDCG@10, {info['split']} split):")
+        print(format_table([dict(zip(header, r)) for r in rows], header))
     if report is not None:
         print(f"\nreport: {report}   (plots in {report.parent / 'report'})")
 
@@ -441,6 +528,8 @@ def cmd_serve(args) -> int:
         overrides.append(f"serve.host={args.host}")
     if args.port:
         overrides.append(f"serve.port={args.port}")
+    if args.reranker:
+        overrides.append(f"serve.reranker={args.reranker}")
     cfg = load_config(config, overrides)
     _require_local_run_dir(cfg, args.command)
     if args.write_config:
@@ -460,6 +549,9 @@ def cmd_serve(args) -> int:
     if cfg.serve.token_env:
         print(f"requests need 'Authorization: Bearer ${cfg.serve.token_env}'")
     print("\n" + example_curl(cfg, with_search=bool(args.corpus)) + "\n")
+    if cfg.serve.reranker:
+        print(f"reranker {cfg.serve.reranker}: POST {url}/v1/rerank {{\"query\": ..., \"documents\": [...], "
+              f"\"top_n\": 3}} (Cohere's client: cohere.ClientV2(base_url='{url}', api_key=...).rerank(...))\n")
     print(f"OpenAI client: OpenAI(base_url='{url}/v1', api_key=...).embeddings.create(model="
           f"'{info['args']['model_name']}', input=[...])")
     if args.no_block:
@@ -477,7 +569,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo, "report": cmd_report, "train": cmd_train,
-            "synthesize": cmd_synthesize, "tune-prompts": cmd_tune_prompts, "merge": cmd_merge, "run": cmd_run}
+            "synthesize": cmd_synthesize, "train-reranker": cmd_train_reranker, "tune-prompts": cmd_tune_prompts, "merge": cmd_merge, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

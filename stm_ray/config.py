@@ -346,6 +346,101 @@ class EvalConfig(_Frozen):
         return _dimensions(v)
 
 
+RERANKER_PRESETS: dict[str, dict[str, Any]] = {
+    # a one-logit head on an encoder, fully fine-tuned (sentence-transformers' CrossEncoder layout)
+    "cross-encoder": {"name": "cross-encoder", "kind": "cross-encoder", "model": "minilm", "learning_rate": 5e-5,
+                      "lora": None},
+    # LimRank's pointwise LLM reranker: a decoder with LoRA, score = p(yes) / (p(yes) + p(no))
+    "llm": {"name": "llm", "kind": "llm", "model": "smollm2", "learning_rate": 2e-4, "lora": {}},
+}
+
+
+class RerankerSpec(_Frozen):
+    """One reranker: what it starts from and how it learns. A string in ``rerank.rerankers`` names a preset:
+    ``cross-encoder`` (all-MiniLM-L6-v2 + a one-logit head) or ``llm`` (SmolLM2-135M-Instruct with LoRA)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Folder name under <run_dir>/rerankers.")
+    kind: Literal["cross-encoder", "llm"] = Field(..., description="'cross-encoder' (an encoder with a one-logit "
+                                                  "head) or 'llm' (a decoder LLM answering yes/no).")
+    model: str = Field(..., description="The model to fine-tune (alias, folder, hub id), or with train=false a "
+                                        "finished reranker folder used as it is.")
+    train: bool = Field(True, description="Fine-tune it on the run's shards (false: use 'model' as it is).")
+    learning_rate: float = Field(5e-5, gt=0.0, description="AdamW learning rate.")
+    lora: LoRAConfig | None = Field(None, description="LoRA settings (null = full fine-tune).")
+    max_length: int = Field(256, ge=16, le=32768, description="Max tokens of one (query, document) input; the "
+                                                              "document is cut first.")
+
+
+class RerankConfig(_Frozen):
+    """Rerankers trained from the synthesized shards, and the rerank stage that scores them.
+
+    Training: each reranker is a Ray Train run (in parallel, checkpoints, resume, DDP or DeepSpeed) over groups of
+    one query's positive and ``negatives_per_query`` of its hard negatives (mined and LLM-written; missing slots are
+    filled with other queries' positives). Loss: ``softmax`` (cross-entropy over each group, the positive as target)
+    or ``bce`` (pointwise binary cross-entropy). The rerank stage takes the retriever's top ``top_k`` for each test
+    query and re-scores them with every reranker.
+    """
+
+    rerankers: list[RerankerSpec] = Field(
+        default_factory=list, description="Rerankers: presets 'cross-encoder' and 'llm', or full specs. Empty = no "
+                                          "reranker stages.")
+    loss: Literal["softmax", "bce"] = Field("softmax", description="'softmax' over each query's group, or pointwise 'bce'.")
+    negatives_per_query: int = Field(3, ge=1, description="Negatives per query in a training group.")
+    instruction: str = Field("Given a query, judge whether the document is relevant to it (answers it or is what "
+                             "it asks for).", description="The LLM reranker's instruction in its prompt.")
+    batch_size: int = Field(16, ge=1, description="Queries per optimizer step over all workers (each with its group).")
+    epochs: int = Field(1, ge=1, description="Epochs over the shards.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (None = all epochs).")
+    max_rows: int | None = Field(None, ge=1, description="Train on at most this many shard rows (deterministic "
+                                                         "sample); None = all.")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Linear warm-up as a fraction of the steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping norm (None = off).")
+    seed: int = Field(13, description="Seed (head and LoRA init, sampling of rows and negatives).")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per reranker.", json_schema_extra=RUNTIME)
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs (torch threads) per worker.", json_schema_extra=RUNTIME)
+    use_gpu: bool = Field(False, description="One GPU per worker; bf16 autocast there.")
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="Plain DDP, or DeepSpeed.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (strategy='deepspeed').")
+    deepspeed: dict[str, Any] | None = Field(None, description="Extra DeepSpeed config keys merged over the generated one.")
+    checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).", json_schema_extra=RUNTIME)
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per reranker.", json_schema_extra=RUNTIME)
+    max_failures: int = Field(2, ge=0, description="Worker failures tolerated (resume from the last checkpoint).", json_schema_extra=RUNTIME)
+    log_every: int = Field(10, ge=1, description="Log a line every N steps.", json_schema_extra=RUNTIME)
+    retriever: str = Field("merged", description="What the rerank stage reranks: 'merged' (the run's merged model, "
+                                                 "the base while there is none), 'base', or a model folder.")
+    top_k: int = Field(100, ge=1, description="Retrieved documents re-scored per query.")
+    max_queries: int | None = Field(None, ge=1, description="Rerank at most this many test queries per task "
+                                                            "(deterministic subsample); None = data.max_queries.")
+    score_batch_size: int = Field(32, ge=1, description="(query, document) pairs per forward when scoring.", json_schema_extra=RUNTIME)
+
+    @field_validator("rerankers", mode="before")
+    @classmethod
+    def _presets(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        out = []
+        for item in v:
+            if isinstance(item, str):
+                if item not in RERANKER_PRESETS:
+                    raise ValueError(f"unknown reranker preset {item!r}; presets: {', '.join(RERANKER_PRESETS)} "
+                                     "(or give a spec: {name, kind, model, ...})")
+                item = dict(RERANKER_PRESETS[item])
+            elif isinstance(item, dict) and item.get("name") in RERANKER_PRESETS and "kind" not in item:
+                item = {**RERANKER_PRESETS[item["name"]], **item}
+            out.append(item)
+        return out
+
+    @model_validator(mode="after")
+    def _checks(self) -> RerankConfig:
+        names = [r.name for r in self.rerankers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reranker names must differ: {names}")
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers})")
+        return self
+
+
 class ServeConfig(_Frozen):
     """Ray Serve deployment of a retriever: HTTP bind, security bounds, batching, replicas and the /search index."""
 
@@ -374,6 +469,10 @@ class ServeConfig(_Frozen):
     max_batch_size: int = Field(32, ge=1, description="@serve.batch max texts per forward pass.")
     batch_wait_timeout_s: float = Field(0.002, ge=0.0, description="@serve.batch wait for a batch to fill.")
     access_log: bool = Field(False, description="Log every request (Serve access log); off: it costs CPU per request.")
+    reranker: str | None = Field(None, description="A reranker folder (stm-ray train-reranker's, or a "
+                                                   "sentence-transformers cross-encoder) served at /v1/rerank and "
+                                                   "used by /search with rerank=true; None = none.")
+    rerank_k: int = Field(50, ge=1, description="/search with rerank=true: candidates retrieved and reranked.")
     search_backend: Literal["exact", "faiss"] = Field("exact", description="/search: exact cosine (numpy) or faiss.")
     faiss_factory: str = Field("Flat", description="faiss index_factory string (inner product), e.g. Flat, HNSW32.")
     index_dir: str | None = Field(None, description="Where corpus indexes live (default: <run_dir>/index).")
@@ -404,6 +503,7 @@ class PipelineConfig(_Frozen):
     search: SearchConfig = Field(default_factory=SearchConfig, description="Searches.")
     merge: MergeConfig = Field(default_factory=MergeConfig, description="Merge.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    rerank: RerankConfig = Field(default_factory=RerankConfig, description="Rerankers and the rerank stage.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
 
     @field_validator("run_dir")

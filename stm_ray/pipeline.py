@@ -4,9 +4,11 @@ Stages, in order (each is the library function the stage's own CLI command calls
 
     synthesize     stm_ray.synth.synthesize            <run_dir>/synth/
     train          stm_ray.train.train_experts         <run_dir>/experts/
+    rerankers      stm_ray.rerank.train_rerankers      <run_dir>/rerankers/        (when rerank.rerankers is set)
     instructions   stm_ray.search.search_instructions  <run_dir>/search/instructions.json   (the base model)
     merge          stm_ray.merge.search_merge          <run_dir>/merged/
     evaluate       stm_ray.eval.evaluate_models        <run_dir>/eval/<base|expert-NAME|merged>/<task>.json
+    rerank         stm_ray.rerank.rerank_models        <run_dir>/eval/rerank-NAME/<task>.json  (rerank.rerankers)
     serve          stm_ray.serve.start                 (only when asked: a long-lived application)
 
 Every stage follows the stage contract (:mod:`stm_ray.stage`): each output carries the fingerprint of what produced
@@ -36,7 +38,8 @@ from stm_ray.stage import forcing, recording, summarize
 
 log = logging.getLogger(__name__)
 
-STAGES = ("synthesize", "train", "instructions", "merge", "evaluate")
+STAGES = ("synthesize", "train", "rerankers", "instructions", "merge", "evaluate", "rerank")
+RERANK_STAGES = ("rerankers", "rerank")  # run only when rerank.rerankers names some
 ALL_STAGES = (*STAGES, "serve")
 MANIFEST = "manifest.json"
 _PACKAGES = ("stm-ray", "ray", "torch", "transformers", "sentence-transformers", "peft", "deepspeed", "vllm",
@@ -133,22 +136,30 @@ def _merge(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
 def models_to_evaluate(cfg: PipelineConfig) -> dict[str, str]:
     """``{label: model}``: the base, the experts of the run's training and its merged model (when the merge is the
     one this config and these experts give; an older one is left out, with a warning)."""
-    from stm_ray.merge.search import find_experts, merge_fingerprint, query_instruction_for
+    from stm_ray.merge.search import current_merged
     from stm_ray.train.experts import current_experts
 
-    run_dir = Path(cfg.run_dir)
     out = {"base": cfg.model.name_or_path}
-    out.update({f"expert-{n}": p for n, p in current_experts(run_dir).items()})
-    merged = run_dir / "merged" / "merge.json"
-    if merged.is_file():
-        recorded = json.loads(merged.read_text()).get("fingerprint")
-        current = merge_fingerprint(cfg, find_experts(cfg), query_instruction_for(cfg)).value
-        if recorded == current:
-            out["merged"] = str(run_dir / "merged")
-        else:
-            log.warning("merged/ was made under another config or other experts (fingerprint %s, now %s): not "
-                        "evaluated; run the merge stage", recorded, current)
+    out.update({f"expert-{n}": p for n, p in current_experts(Path(cfg.run_dir)).items()})
+    merged = current_merged(cfg)
+    if merged:
+        out["merged"] = merged
     return out
+
+
+def _rerankers(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
+    from stm_ray.rerank.train import train_rerankers
+    from stm_ray.stage import combine
+
+    results = train_rerankers(cfg, show_progress=show_progress)
+    return {"rerankers": {r.name: {k: v for k, v in asdict(r).items() if k != "name"} for r in results},
+            "fingerprint": combine([r.fingerprint or r.path for r in results])}
+
+
+def _rerank(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
+    from stm_ray.rerank.evaluate import rerank_models
+
+    return rerank_models(cfg, show_progress=show_progress)
 
 
 def _evaluate(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
@@ -159,7 +170,7 @@ def _evaluate(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[PipelineConfig, bool], dict[str, Any]]] = {
     "synthesize": _synthesize, "train": _train, "instructions": _instructions, "merge": _merge,
-    "evaluate": _evaluate,
+    "evaluate": _evaluate, "rerankers": _rerankers, "rerank": _rerank,
 }
 
 
@@ -176,6 +187,11 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages: {', '.join(ALL_STAGES)}")
     chosen = [s for s in STAGES if (not stages or s in stages) and s not in (skip or [])]
+    if not cfg.rerank.rerankers:
+        asked = [s for s in RERANK_STAGES if stages and s in stages]
+        if asked:
+            raise ConfigError(f"stage(s) {asked} need rerank.rerankers, e.g. rerank.rerankers=[cross-encoder,llm]")
+        chosen = [s for s in chosen if s not in RERANK_STAGES]
     if serve or (stages and "serve" in stages):
         chosen.append("serve")
     import stm_ray

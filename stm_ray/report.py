@@ -187,6 +187,26 @@ def dimension_rows(run_dir: Path, labels: list[str]) -> tuple[list[str], list[li
     return ["dimensions", *labels], rows
 
 
+def rerank_rows(run_dir: Path) -> tuple[list[str], list[list[Any]], dict[str, Any]] | None:
+    """The rerank stage's table: one row per task and the mean, NDCG@10 of the retriever alone and with each
+    reranker, then seconds per query; None when the stage has not run."""
+    manifest = _load(Path(run_dir) / "manifest.json") or {}
+    rr = ((manifest.get("stages") or {}).get("rerank") or {}).get("counts") or {}
+    table = rr.get("ndcg_at_10") or {}
+    if not table.get("retriever"):
+        return None
+    tasks = [t for t in table["retriever"] if t != "mean"]
+    names = area_names(tasks)
+    labels = list(table)
+    header = ["task", f"{rr.get('retriever', 'retriever')} alone", *[f"+ {lb.removeprefix('rerank-')}" for lb in labels[1:]]]
+    rows = [[names[t], *[table[lb].get(t, float("nan")) for lb in labels]] for t in tasks]
+    rows.append(["mean", *[table[lb].get("mean", float("nan")) for lb in labels]])
+    spq = rr.get("seconds_per_query") or {}
+    rows.append(["s / query", "", *[(sum(spq.get(lb, {}).values()) / len(spq[lb])) if spq.get(lb) else float("nan")
+                                     for lb in labels[1:]]])
+    return header, rows, {"retriever": rr.get("retriever"), "top_k": rr.get("top_k"), "split": rr.get("split")}
+
+
 def _md_table(rows: list[list[Any]], header: list[str]) -> str:
     return format_table([dict(zip(header, r)) for r in rows], header)
 
@@ -241,6 +261,14 @@ def write_report(run_dir: str | Path) -> Path:
         md += ["Per-model results in mteb format: `eval/<model>/<task>.json`.", ""]
     else:
         md += ["Not evaluated yet (run the `evaluate` stage).", ""]
+
+    rr = rerank_rows(run_dir)
+    if rr:
+        header, rows, info = rr
+        md += ["## Reranking", "",
+               f"The {info['retriever']} retriever's top {info['top_k']} for each {info['split']} query, re-scored by "
+               "each reranker (NDCG@10; seconds per query on this machine).", "", _md_table(rows, header), "",
+               "Results in mteb format: `eval/rerank-<name>/<task>.json` (with the retriever's own scores).", ""]
 
     merge = _load(run_dir / "merged" / "merge.json")
     md += ["## Merge search", ""]

@@ -46,6 +46,12 @@ READS: dict[str, tuple[str, ...]] = {
               "search.dev_pool_depth", "search.seed"),
     "evaluate": ("data.test_split", "data.max_queries", "model", "eval"),
     "index": ("model.dtype", "model.max_length"),
+    "rerankers": ("rerank.loss", "rerank.negatives_per_query", "rerank.instruction", "rerank.batch_size",
+                  "rerank.epochs", "rerank.max_steps", "rerank.max_rows", "rerank.warmup_ratio",
+                  "rerank.weight_decay", "rerank.max_grad_norm", "rerank.seed", "rerank.use_gpu", "rerank.strategy",
+                  "rerank.zero_stage", "rerank.deepspeed"),
+    "rerank": ("data.test_split", "data.max_queries", "model", "eval.k_values", "rerank.top_k",
+               "rerank.max_queries"),
 }
 ACTIONS = ("run", "reuse", "resume", "redo")
 

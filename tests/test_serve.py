@@ -1,6 +1,7 @@
 """Serve: the real Ray Serve application on a local Ray (127.0.0.1), a tiny BERT with a saved query instruction.
 
-Covers the OpenAI embeddings API (and the official openai client), /search over an indexed corpus, bad input
+Covers the OpenAI embeddings API (and the official openai client), /v1/rerank (and Cohere's client), /search over
+an indexed corpus (and reranked), bad input
 (never a 5xx), the bearer token, a replica crash, a mixed good/bad load of 2,000 requests at 32 concurrent, the
 Serve config file and the corpus index.
 """
@@ -44,7 +45,20 @@ def served_model(tmp_path_factory, tiny_bert_dir) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, served_model, tiny_beir, monkeypatch_module):
+def served_reranker(tmp_path_factory, tiny_bert_dir) -> str:
+    """A tiny cross-encoder folder, as stm-ray train-reranker writes one."""
+    import torch
+
+    from stm_ray.rerank.model import CrossEncoderReranker
+
+    torch.manual_seed(3)
+    out = tmp_path_factory.mktemp("serve-rr") / "ce"
+    CrossEncoderReranker.from_pretrained(tiny_bert_dir, max_length=64).save(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, served_model, served_reranker, tiny_beir, monkeypatch_module):
     """The app of a run directory (its merged/ model) with /search over the tiny BEIR corpus and a bearer token."""
     from ray import serve
 
@@ -55,7 +69,8 @@ def server(ray_local, served_model, tiny_beir, monkeypatch_module):
     run_dir = Path(served_model).parent
     cfg = load_config(None, [f"serve.port={_free_port()}", f"serve.token_env={TOKEN_ENV}", "serve.max_inputs=8",
                              "serve.max_chars=300", "serve.on_too_long=error", "serve.max_top_k=5",
-                             "serve.num_cpus=0.5", "serve.index_dimension=16"])
+                             "serve.num_cpus=0.5", "serve.index_dimension=16", f"serve.reranker={served_reranker}",
+                             "serve.rerank_k=6"])
     info = start(cfg, str(run_dir), corpus=f"beir:{tiny_beir}", show_progress=False)
     url = info["url"]
     _wait_ok(url)
@@ -142,7 +157,7 @@ def test_openai_client(server, served_model):
 
     client = OpenAI(base_url=f"{server['url']}/v1", api_key=TOKEN)
     models = client.models.list()
-    assert [m.id for m in models.data] == ["run-merged"]
+    assert [m.id for m in models.data] == ["run-merged", "ce"]  # the retriever, then the served reranker
     res = client.embeddings.create(model="run-merged", input=[QUERIES["q2"], QUERIES["q3"]])  # client asks for base64
     res_float = client.embeddings.create(model="run-merged", input=[QUERIES["q2"], QUERIES["q3"]], encoding_format="float")
     assert len(res.data) == 2 and res.usage.prompt_tokens > 0
@@ -176,6 +191,43 @@ def test_search_matches_exact_search(server, served_model, tiny_beir):
     assert len(r.json()["results"]) == min(5, 10, len(DOCS)) and "text" not in r.json()["results"][0]
 
 
+def test_rerank_endpoint_and_clients(server, served_reranker):
+    """/v1/rerank (and /v2/rerank) in Cohere's shape equals the reranker's own scores; Cohere's client (v1 and v2)
+    reads it; /search with rerank=true reorders the retrieved candidates by the reranker."""
+    import cohere
+
+    from stm_ray.rerank.model import load_reranker
+
+    url = server["url"]
+    rr = load_reranker(served_reranker)
+    q, docs = QUERIES["q3"], [f"{t} {x}" for t, x in DOCS.values()][:6]
+    expect = rr.score(q, docs)
+    r = _post(url, "/v1/rerank", {"query": q, "documents": docs, "top_n": 4, "return_documents": True})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["index"] for x in res] == list(np.argsort(-expect)[:4])
+    np.testing.assert_allclose([x["relevance_score"] for x in res], np.sort(expect)[::-1][:4], rtol=1e-4)
+    assert res[0]["document"] == {"text": docs[res[0]["index"]]} and r.json()["model"] == "ce"
+    objs = _post(url, "/v2/rerank", {"query": q, "documents": [{"text": d} for d in docs]}).json()["results"]
+    assert len(objs) == 6 and "document" not in objs[0] and objs[0]["index"] == res[0]["index"]
+
+    v2 = cohere.ClientV2(base_url=url, api_key=TOKEN).rerank(model="ce", query=q, documents=docs, top_n=2)
+    assert [x.index for x in v2.results] == [x["index"] for x in res[:2]]
+    v1 = cohere.Client(base_url=url, api_key=TOKEN).rerank(query=q, documents=docs, top_n=2, return_documents=True)
+    assert v1.results[0].document.text == docs[res[0]["index"]]
+    with pytest.raises(Exception) as e:
+        cohere.ClientV2(base_url=url, api_key="wrong").rerank(model="ce", query=q, documents=docs)
+    assert getattr(e.value, "status_code", None) == 401
+
+    plain = _post(url, "/search", {"query": q, "top_k": 3, "return_text": True}).json()["results"]
+    reranked = _post(url, "/search", {"query": q, "top_k": 3, "rerank": True, "return_text": True}).json()
+    assert reranked["reranker"] == "ce" and len(reranked["results"]) == 3
+    cands = _post(url, "/search", {"query": q, "top_k": 5, "return_text": True}).json()["results"]  # rerank_k=6 > 5 docs
+    scores = rr.score(q, [c["text"] for c in cands])
+    assert [x["id"] for x in reranked["results"]] == [cands[j]["id"] for j in np.argsort(-scores)[:3]]
+    assert all("retrieval_score" in x for x in reranked["results"]) and "retrieval_score" not in plain[0]
+
+
 BAD = [
     # (path, raw body, status, words the message must contain)
     ("/v1/embeddings", "{not json", 400, ["not valid JSON"]),
@@ -199,6 +251,16 @@ BAD = [
     ("/search", '{"query": "x", "top_k": "many"}', 422, ["top_k"]),
     ("/search", '{"query": "x", "top_k": 6}', 413, ["top_k"]),
     ("/search", '{"query": ""}', 400, ["empty"]),
+    ("/search", '{"query": "x", "rerank": true, "rerank_k": 9}', 413, ["rerank_k"]),
+    ("/v1/rerank", '{"query": "x"}', 422, ["documents"]),
+    ("/v1/rerank", '{"documents": ["a"]}', 422, ["query"]),
+    ("/v1/rerank", '{"query": "x", "documents": []}', 400, ["documents", "empty"]),
+    ("/v1/rerank", '{"query": "x", "documents": ["a", ""]}', 400, ["documents[1]", "empty"]),
+    ("/v1/rerank", '{"query": "x", "documents": [{"txt": "a"}]}', 422, ["documents"]),
+    ("/v1/rerank", '{"query": "x", "documents": ["a"], "top_n": 0}', 422, ["top_n"]),
+    ("/v1/rerank", json.dumps({"query": "x", "documents": ["a"] * 9}), 413, ["9 texts", "at most 8"]),
+    ("/v1/rerank", json.dumps({"query": "x", "documents": ["a", "b" * 301]}), 413, ["documents[1]", "301"]),
+    ("/v1/rerank", "{oops", 400, ["not valid JSON"]),
 ]
 
 
@@ -217,6 +279,7 @@ def test_bearer_token(server):
     r = _post(url, "/v1/embeddings", {"input": "x"}, headers={"Authorization": "Bearer nope"})
     assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer"
     assert requests.get(f"{url}/v1/models", timeout=10).status_code == 401
+    assert _post(url, "/v1/rerank", {"query": "x", "documents": ["a"]}, headers={}).status_code == 401
     assert requests.get(f"{url}/health", timeout=10).status_code == 200  # liveness needs no token
     # the token is never in the app's arguments, only its hash is computed on the replica side
     assert TOKEN not in json.dumps(server["info"]["args"])
@@ -253,8 +316,11 @@ def test_load_2000_mixed_requests_at_32_concurrent(server):
         if kind in (0, 1, 2):
             body = json.dumps({"input": [f"{QUERIES['q1']} {i}"] * (1 + i % 3)}).encode()
             path, want = "/v1/embeddings", 200
-        elif kind == 3:
+        elif kind == 3 and i % 4 == 1:
             body, path, want = json.dumps({"query": f"{QUERIES['q6']} {i}", "top_k": 2}).encode(), "/search", 200
+        elif kind == 3:  # the reranker under the same load
+            body, path, want = json.dumps({"query": f"{QUERIES['q2']} {i}", "documents": ["a b", "fever c"],
+                                           "top_n": 1}).encode(), "/v1/rerank", 200
         elif kind == 4:
             body, path, want = [b"{broken", b'{"input": 12}', b'{"input": []}'][i % 3], "/v1/embeddings", None
             want = [400, 422, 400][i % 3]
@@ -301,6 +367,7 @@ def test_replica_crash_is_restarted(server):
     assert after["pid"] != pid and after["documents"] == len(DOCS)
     for _ in range(5):
         assert _post(url, "/search", {"query": QUERIES["q8"], "top_k": 1}).status_code == 200
+        assert _post(url, "/v1/rerank", {"query": QUERIES["q8"], "documents": ["a", "b"]}).status_code == 200
 
 
 # ------------------------------------------------------------------------------------------------ config and index

@@ -235,3 +235,20 @@ def merge_table(result: MergeSearchResult) -> str:
                  **{t: result.dev["per_task"][t] for t in tasks}, "mean": result.dev["ndcg_at_10"]})
     return format_table(rows, ["model", *tasks, "mean"]) + f"\ncoefficients: {coeffs}" + (
         f"; dropped: {', '.join(result.dropped)}" if result.dropped else "")
+
+
+def current_merged(cfg) -> str | None:
+    """``<run_dir>/merged`` when the merge there is the one this config and these experts give; None otherwise (an
+    older one is left out, with a warning)."""
+    import json
+
+    merged = Path(cfg.run_dir) / "merged" / "merge.json"
+    if not merged.is_file():
+        return None
+    recorded = json.loads(merged.read_text()).get("fingerprint")
+    current = merge_fingerprint(cfg, find_experts(cfg), query_instruction_for(cfg)).value
+    if recorded == current:
+        return str(Path(cfg.run_dir) / "merged")
+    log.warning("merged/ was made under another config or other experts (fingerprint %s, now %s): left out; run "
+                "the merge stage", recorded, current)
+    return None

@@ -108,10 +108,12 @@ def model_fingerprint(name_or_path: str) -> str:
     path = Path(resolve_model(name_or_path))
     if not path.is_dir():
         return hashlib.sha256(str(name_or_path).encode()).hexdigest()[:16]
-    try:
-        produced = json.loads((path / META_FILE).read_text(encoding="utf-8")).get("fingerprint")
-    except (OSError, ValueError):
-        produced = None
+    produced = None
+    for meta in (META_FILE, "stm_ray_reranker.json"):  # an expert or merge; a reranker
+        try:
+            produced = produced or json.loads((path / meta).read_text(encoding="utf-8")).get("fingerprint")
+        except (OSError, ValueError):
+            pass
     h = hashlib.sha256(f"produced:{produced}".encode())
     for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
         st = f.stat()

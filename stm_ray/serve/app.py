@@ -66,6 +66,27 @@ class SearchRequest(BaseModel):
     query: str = Field(..., description="The query text (the query instruction is prepended).")
     top_k: int | None = Field(None, ge=1, description="How many documents (default 10; at most serve.max_top_k).")
     return_text: bool = Field(False, description="Include each document's text.")
+    rerank: bool = Field(False, description="Retrieve rerank_k documents, re-score them with the served reranker and "
+                                            "return the top_k best (needs serve.reranker).")
+    rerank_k: int | None = Field(None, ge=1, description="Candidates reranked (default serve.rerank_k; at most "
+                                                         "serve.max_inputs).")
+
+
+class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: str
+
+
+class RerankRequest(BaseModel):
+    """The rerank request Cohere (v1 and v2), Jina and TEI-style clients send: a query and its documents (strings,
+    or objects with a ``text`` field)."""
+
+    model_config = ConfigDict(extra="ignore")
+    query: str = Field(..., description="The query.")
+    documents: list[str | RerankDocument] = Field(..., description="Texts to score against the query.")
+    top_n: int | None = Field(None, ge=1, description="Return only the best top_n (default: all).")
+    return_documents: bool = Field(False, description="Include each document ({'text': ...}) in the results.")
+    model: str | None = Field(None, description="Accepted and echoed; the server serves one reranker.")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -237,12 +258,22 @@ class Retriever:
             if args["index_dimension"] and not self.emb.matryoshka_dims:
                 log.warning("serve.index_dimension=%d on a model not trained for truncation (no matryoshka_dims in "
                             "its stm_ray.json): expect lower search quality", args["index_dimension"])
+        self.reranker = None
+        self.reranker_id = None
+        self.rerank_k = int(args["rerank_k"])
+        if args["reranker"]:
+            from stm_ray.rerank.model import load_reranker
+
+            self.reranker = load_reranker(args["reranker"], device=args["device"])
+            self.reranker_id = os.path.basename(str(args["reranker"]).rstrip("/")) or "reranker"
+            self.reranker.score("warm up", ["warm up"])
         self.traced = traced_forward(self.emb, self.pad_id)
         self._forward_ids(self.emb.token_ids(["warm up"])["input_ids"])
-        log.info("replica ready in %.1f s: model %s (dim %d, %s forward, %d torch threads), index %s",
+        log.info("replica ready in %.1f s: model %s (dim %d, %s forward, %d torch threads), index %s, reranker %s",
                  time.perf_counter() - t0, self.model_id, self.emb.dim,
                  "traced" if self.traced is not None else "eager", torch.get_num_threads(),
-                 f"{len(self.index)} documents ({self.index.backend})" if self.index is not None else "none")
+                 f"{len(self.index)} documents ({self.index.backend})" if self.index is not None else "none",
+                 f"{self.reranker_id} ({self.reranker.kind})" if self.reranker is not None else "none")
 
     # ------------------------------------------------------------------ model path
     def _forward_ids(self, items: list[list[int]]) -> np.ndarray:
@@ -381,6 +412,14 @@ class Retriever:
         return _json({"object": "list", "data": data, "model": self.model_id,
                       "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
+    def _no_reranker(self) -> Response:
+        return _error(400, "no reranker is served here (start it with --reranker FOLDER or serve.reranker=FOLDER)",
+                      param="rerank", code="no_reranker")
+
+    async def _score(self, query: str, docs: list[str]) -> np.ndarray:
+        """Reranker scores, computed in the forward thread (one model at a time on the replica's cores)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.reranker.score, query, docs)
+
     @api.post("/search", openapi_extra=_body_schema(SearchRequest), summary="Top-k documents of the indexed corpus")
     async def search(self, request: Request) -> Response:
         req = await self._read(request, SearchRequest)
@@ -395,22 +434,71 @@ class Retriever:
         if top_k > self.max_top_k:
             return _error(413, f"top_k={top_k} exceeds serve.max_top_k={self.max_top_k}", param="top_k",
                           code="top_k_too_large")
+        k = top_k
+        if req.rerank:
+            if self.reranker is None:
+                return self._no_reranker()
+            k = max(top_k, req.rerank_k or self.rerank_k)
+            if k > self.max_inputs:
+                return _error(413, f"rerank_k={k} exceeds serve.max_inputs={self.max_inputs}", param="rerank_k",
+                              code="rerank_k_too_large")
         vecs, _ = await self.embed(texts, "query")
         if self.index.dim < vecs.shape[1]:  # serve.index_dimension: the query is cut like the documents
             from stm_ray.modeling.embedder import truncate
 
             vecs = truncate(vecs, self.index.dim)
         loop = asyncio.get_running_loop()
-        scores, idx = await loop.run_in_executor(None, self.index.search, vecs, top_k)
+        scores, idx = await loop.run_in_executor(None, self.index.search, vecs, k)
+        hits = [(s, i) for s, i in zip(scores[0].tolist(), idx[0].tolist()) if i >= 0]
         results = []
-        for s, i in zip(scores[0].tolist(), idx[0].tolist()):
-            if i < 0:
-                continue
-            r = {"id": self.index.ids[i], "score": s}
-            if req.return_text:
-                r["text"] = self.index.texts[i]
+        if req.rerank and hits:
+            rr = await self._score(texts[0], [self.index.texts[i][: self.max_chars] for _, i in hits])
+            order = sorted(range(len(hits)), key=lambda j: -rr[j])[:top_k]
+            for j in order:
+                r = {"id": self.index.ids[hits[j][1]], "score": float(rr[j]), "retrieval_score": hits[j][0]}
+                if req.return_text:
+                    r["text"] = self.index.texts[hits[j][1]]
+                results.append(r)
+        else:
+            for s, i in hits:
+                r = {"id": self.index.ids[i], "score": s}
+                if req.return_text:
+                    r["text"] = self.index.texts[i]
+                results.append(r)
+        out = {"query": req.query, "model": self.model_id, "results": results}
+        if req.rerank:
+            out["reranker"] = self.reranker_id
+        return _json(out)
+
+    @api.post("/v1/rerank", openapi_extra=_body_schema(RerankRequest),
+              summary="Rerank documents for a query (Cohere / Jina / TEI shape)")
+    async def rerank(self, request: Request) -> Response:
+        req = await self._read(request, RerankRequest)
+        if isinstance(req, Response):
+            return req
+        if self.reranker is None:
+            return self._no_reranker()
+        query = self._check_texts([req.query], "query", True)
+        if isinstance(query, Response):
+            return query
+        docs = self._check_texts([d if isinstance(d, str) else d.text for d in req.documents], "documents", False)
+        if isinstance(docs, Response):
+            return docs
+        scores = await self._score(query[0], docs)
+        order = sorted(range(len(docs)), key=lambda j: -scores[j])[: req.top_n or len(docs)]
+        results = []
+        for j in order:
+            r: dict[str, Any] = {"index": j, "relevance_score": float(scores[j])}
+            if req.return_documents:
+                r["document"] = {"text": docs[j]}
             results.append(r)
-        return _json({"query": req.query, "model": self.model_id, "results": results})
+        n_tokens = sum(len(t) for t in docs) // 4  # an estimate, as "search_units" are for Cohere
+        return _json({"id": f"rerank-{time.time_ns():x}", "model": self.reranker_id, "results": results,
+                      "meta": {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}},
+                      "usage": {"total_tokens": n_tokens}})
+
+    # Cohere's v2 client posts the same body to /v2/rerank
+    api.post("/v2/rerank", include_in_schema=False)(rerank)
 
     @api.get("/health", summary="Liveness: 200 when the model answers")
     async def health(self) -> Response:
@@ -426,7 +514,9 @@ class Retriever:
         return _json({"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0,
                                                   "owned_by": "stm-ray", "dimension": self.emb.dim,
                                                   "matryoshka_dims": self.emb.matryoshka_dims,
-                                                  "query_instruction": self.prompts["query"]}]})
+                                                  "query_instruction": self.prompts["query"]}]
+                      + ([{"id": self.reranker_id, "object": "model", "created": 0, "owned_by": "stm-ray",
+                           "type": "reranker", "kind": self.reranker.kind}] if self.reranker is not None else [])})
 
 
 # ---------------------------------------------------------------------------------------------- building

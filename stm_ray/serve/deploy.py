@@ -59,6 +59,8 @@ def app_args(cfg, model: str, index_dir: str | Path | None = None, log_level: st
         "model": str(model), "model_name": s.model_name or name or _default_name(model), "dtype": cfg.model.dtype,
         "device": cfg.model.device, "max_length": None,
         "index_dir": str(Path(index_dir).resolve()) if index_dir else None, "log_level": log_level,
+        # replicas may run in another working directory: a reranker folder travels as an absolute path
+        "reranker": str(Path(s.reranker).resolve()) if s.reranker and Path(s.reranker).exists() else s.reranker,
     }
 
 

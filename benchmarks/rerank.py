@@ -1,0 +1,116 @@
+"""Reranking on SciFact and icd10: the retriever alone vs + a cross-encoder vs + a SmolLM2 pointwise LLM reranker.
+
+Both rerankers are trained only on what `stm-ray synthesize` writes from the train splits (queries, positives,
+BM25/dense-mined and LLM-written hard negatives), through the product's own stages: ``run_pipeline(stages=
+["synthesize", "rerankers", "rerank"])`` on a local Ray, then the rerank stage's files are read back. The
+retriever is all-MiniLM-L6-v2 (``rerank.retriever=base``). Seconds per query are timed at k=100 on a subsample.
+
+    python benchmarks/rerank.py [--scifact DIR] [--k 30] [--queries 300] [--rows 1024] [--steps 64]
+
+Goals (issue "Rerankers"): reranking >= retriever + 0.02 NDCG@10 on both tasks; SciFact retrieve + rerank >= 0.75.
+Writes benchmarks/results/rerank.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import claim, write_results  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scifact", default=os.environ.get("STM_RAY_SCIFACT", str(ROOT.parent / "shared" / "data" / "scifact")))
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench" / "rerank"))
+    ap.add_argument("--k", type=int, default=30, help="candidates reranked per query for the NDCG@10 figures")
+    ap.add_argument("--timing-k", type=int, default=100)
+    ap.add_argument("--timing-queries", type=int, default=10)
+    ap.add_argument("--queries", type=int, default=300, help="test queries per task (SciFact has 300)")
+    ap.add_argument("--synth-rows", type=int, default=600, help="(query, positive) rows synthesized per task")
+    ap.add_argument("--llm-rows", type=int, default=64, help="rows per task that get an LLM-written negative")
+    ap.add_argument("--rows", type=int, default=1024, help="training rows per reranker (sampled from the shards)")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--negatives", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=256)
+    args = ap.parse_args()
+    if not (Path(args.scifact) / "corpus.jsonl").is_file():
+        print(f"SciFact not found at {args.scifact}; pass --scifact DIR (a BEIR folder)", file=sys.stderr)
+        return 2
+
+    from stm_ray.config import load_config
+    from stm_ray.pipeline import run_pipeline
+    from stm_ray.rerank.evaluate import rerank_task
+    from stm_ray.rerank.train import current_rerankers
+    from stm_ray.tables import format_table
+    from stm_ray.utils import setup_logging
+
+    setup_logging("INFO")
+    sci = f"beir:{Path(args.scifact).resolve()}"
+    tasks = [sci, "icd10"]
+    specs = [{"name": "cross-encoder", "kind": "cross-encoder", "model": "minilm", "learning_rate": 5e-5,
+              "max_length": args.max_length},
+             {"name": "smollm2", "kind": "llm", "model": "smollm2", "learning_rate": 2e-4,
+              "max_length": args.max_length, "lora": {"r": 16, "alpha": 32, "dropout": 0.05}}]
+    overrides = [f"run_dir={args.work}", f"data.tasks={json.dumps(tasks)}", "model.name_or_path=minilm",
+                 f"synth.max_rows={args.synth_rows}", f"synth.synthetic_max_rows={args.llm_rows}",
+                 f"rerank.rerankers={json.dumps(specs)}", f"rerank.max_rows={args.rows}",
+                 f"rerank.max_steps={args.steps}", f"rerank.batch_size={args.batch}",
+                 f"rerank.negatives_per_query={args.negatives}", "rerank.retriever=base", f"rerank.top_k={args.k}",
+                 f"rerank.max_queries={args.queries}", "rerank.score_batch_size=16"]
+    cfg = load_config(None, overrides)
+    t0 = time.perf_counter()
+    manifest = run_pipeline(cfg, stages=["synthesize", "rerankers", "rerank"], show_progress=False)
+    st = manifest["stages"]
+    table = st["rerank"]["counts"]["ndcg_at_10"]
+    trained = st["rerankers"]["counts"]["rerankers"]
+
+    # seconds per query at k=100 (the issue's figure), on a few SciFact queries, both rerankers
+    timing_cfg = load_config(None, [*overrides, f"rerank.top_k={args.timing_k}",
+                                    f"rerank.max_queries={args.timing_queries}"])
+    timing = rerank_task(timing_cfg, "minilm", current_rerankers(cfg), sci, show_progress=False)
+    spq = {n: timing[n]["seconds_per_query"] for n in current_rerankers(cfg)}
+
+    names = {sci: "scifact", "icd10": "icd10"}
+    rows = []
+    for label, scores in table.items():
+        rows.append({"model": "MiniLM retriever alone" if label == "retriever" else f"+ {label.removeprefix('rerank-')}",
+                     **{names[t]: scores.get(t) for t in tasks}, "mean": scores.get("mean"),
+                     f"s/query k={args.timing_k}": spq.get(label.removeprefix("rerank-"), timing["retriever"]["seconds_per_query"])})
+    print(f"\nNDCG@10, test split ({args.queries} queries per task at most), top {args.k} of the retriever reranked")
+    print(format_table(rows, list(rows[0])))
+
+    ret = table["retriever"]
+    claims = []
+    for label in [lb for lb in table if lb != "retriever"]:
+        for t in tasks:
+            gain = table[label][t] - ret[t]
+            claims.append(claim(f"{names[t]}: {label} - retriever NDCG@10", round(gain, 4), ">= 0.02", gain >= 0.02))
+    best_sci = max(table[lb][sci] for lb in table if lb != "retriever")
+    claims.append(claim("scifact: retrieve + best reranker NDCG@10", round(best_sci, 4), ">= 0.75", best_sci >= 0.75))
+    figures = {"ndcg_at_10": {lb: {names.get(t, t): v for t, v in sc.items()} for lb, sc in table.items()},
+               "seconds_per_query": {"k": args.timing_k, "queries": args.timing_queries, **spq,
+                                     "retriever": timing["retriever"]["seconds_per_query"]},
+               "rerankers": {n: {k: v for k, v in r.items() if k in ("kind", "rows", "steps", "final_loss",
+                                                                    "queries_per_s", "wall_s", "peak_memory_gib")}
+                             for n, r in trained.items()},
+               "stage_seconds": {n: st[n].get("seconds") for n in ("synthesize", "rerankers", "rerank")},
+               "synthesis": {k: v for k, v in (st["synthesize"].get("counts") or {}).items()
+                             if k in ("rows", "negatives", "synthetic", "rejected", "seconds")},
+               "settings": vars(args) | {"work": "runs/bench/rerank"}, "wall_s": time.perf_counter() - t0}
+    out = write_results(__file__, figures, claims)
+    print(format_table(claims, ["name", "value", "goal", "met"]))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
