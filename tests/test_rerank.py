@@ -207,3 +207,27 @@ def test_rerank_stages_need_rerankers(tmp_path, tiny_beir):
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.tasks=[beir:{tiny_beir}]"])
     with pytest.raises(ConfigError, match="need rerank.rerankers"):
         run_pipeline(cfg, stages=["rerank"], show_progress=False)
+
+
+@pytest.mark.slow
+def test_llm_reranker_folder_in_vllm(tmp_path, tiny_llm_reranker):
+    """vLLM's standard loader (pooling runner, classifier_from_token yes/no, from_2_way_softmax) gives our scores."""
+    import subprocess
+    import sys
+
+    tiny_llm_reranker.save(tmp_path / "llm")
+    qs, ds = QS[0], ["A virus infecting the airways.", DS[1], "fever and cough"]
+    ours = tiny_llm_reranker.score(qs, ds)
+    code = (
+        "import json, sys\n"
+        "from stm_ray.modeling.vllm_engine import cpu_engine_kwargs\n"
+        "from stm_ray.rerank.model import vllm_reranker\n"
+        "if __name__ == '__main__':\n"
+        "    kw = cpu_engine_kwargs(sys.argv[1], max_model_len=512, max_num_seqs=4, kv_cache_gib=None, field='test')\n"
+        "    llm, score = vllm_reranker(sys.argv[1], **kw)\n"
+        "    print('SCORES', json.dumps(score.__call__(sys.argv[2], json.loads(sys.argv[3])).tolist()))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "llm"), qs, json.dumps(ds)],
+                          capture_output=True, text=True, timeout=600)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("SCORES ")]
+    assert line, proc.stderr[-3000:]
+    np.testing.assert_allclose(json.loads(line[0][7:]), ours, atol=1e-5)

@@ -298,6 +298,32 @@ class LLMReranker(Reranker):
             tok.chat_template, tok.model_max_length = old
 
 
+def vllm_reranker(path: str, **engine_kwargs: Any):
+    """vLLM's own loader for a yes/no LLM reranker folder: the causal LM served as a sequence classifier whose one
+    score is softmax(logit_yes, logit_no)[yes] (``classifier_from_token`` + ``from_2_way_softmax``, as vLLM loads
+    Qwen3-Reranker), scoring with the folder's chat template. Returns ``(llm, score)``: ``score(query, documents)``
+    gives what :meth:`LLMReranker.score` gives (tested to 1e-6 on a CPU). ``engine_kwargs`` go to ``vllm.LLM``
+    (on a CPU: :func:`stm_ray.modeling.vllm_engine.cpu_engine_kwargs`)."""
+    from transformers import AutoConfig, AutoTokenizer
+    from vllm import LLM
+
+    from stm_ray.modeling.aliases import resolve_model
+
+    folder = resolve_model(path)
+    if reranker_kind(folder) != "llm":
+        raise ValueError(f"{path}: not an LLM reranker (stm_ray_reranker.json kind 'llm', or a causal LM)")
+    arch = AutoConfig.from_pretrained(folder).architectures[0].replace("ForCausalLM", "ForSequenceClassification")
+    template = AutoTokenizer.from_pretrained(folder).chat_template
+    llm = LLM(model=folder, runner="pooling", hf_overrides={"architectures": [arch], "method": "from_2_way_softmax",
+                                                              "classifier_from_token": ["no", "yes"]}, **engine_kwargs)
+
+    def score(query: str, documents: Sequence[str]) -> np.ndarray:
+        out = llm.score(query, list(documents), chat_template=template, use_tqdm=False)
+        return np.array([o.outputs.score for o in out], dtype=np.float32)
+
+    return llm, score
+
+
 def _meta(path: str) -> dict[str, Any]:
     p = Path(path) / RERANKER_FILE
     try:
