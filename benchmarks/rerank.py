@@ -5,7 +5,7 @@ BM25/dense-mined and LLM-written hard negatives), through the product's own stag
 ["synthesize", "rerankers", "rerank"])`` on a local Ray, then the rerank stage's files are read back. The
 retriever is all-MiniLM-L6-v2 (``rerank.retriever=base``). Seconds per query are timed at k=100 on a subsample.
 
-    python benchmarks/rerank.py [--scifact DIR] [--k 30] [--queries 300] [--rows 1024] [--steps 64]
+    python benchmarks/rerank.py [--scifact DIR] [--k 30] [--queries 300] [--rows 1024] [--steps 64] [--batch 16]
 
 Goals (issue "Rerankers"): reranking >= retriever + 0.02 NDCG@10 on both tasks; SciFact retrieve + rerank >= 0.75.
 Writes benchmarks/results/rerank.json.
@@ -40,7 +40,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--negatives", type=int, default=3)
-    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-length", type=int, default=256, help="cross-encoder tokens per (query, document)")
+    ap.add_argument("--llm-max-length", type=int, default=192, help="LLM reranker tokens per prompt")
+    ap.add_argument("--micro-batch", type=int, default=4, help="groups per forward/backward (memory)")
     args = ap.parse_args()
     if not (Path(args.scifact) / "corpus.jsonl").is_file():
         print(f"SciFact not found at {args.scifact}; pass --scifact DIR (a BEIR folder)", file=sys.stderr)
@@ -59,13 +61,14 @@ def main() -> int:
     specs = [{"name": "cross-encoder", "kind": "cross-encoder", "model": "minilm", "learning_rate": 5e-5,
               "max_length": args.max_length},
              {"name": "smollm2", "kind": "llm", "model": "smollm2", "learning_rate": 2e-4,
-              "max_length": args.max_length, "lora": {"r": 16, "alpha": 32, "dropout": 0.05}}]
+              "max_length": args.llm_max_length, "lora": {"r": 16, "alpha": 32, "dropout": 0.05}}]
     overrides = [f"run_dir={args.work}", f"data.tasks={json.dumps(tasks)}", "model.name_or_path=minilm",
                  f"synth.max_rows={args.synth_rows}", f"synth.synthetic_max_rows={args.llm_rows}",
                  f"rerank.rerankers={json.dumps(specs)}", f"rerank.max_rows={args.rows}",
                  f"rerank.max_steps={args.steps}", f"rerank.batch_size={args.batch}",
                  f"rerank.negatives_per_query={args.negatives}", "rerank.retriever=base", f"rerank.top_k={args.k}",
-                 f"rerank.max_queries={args.queries}", "rerank.score_batch_size=16"]
+                 f"rerank.max_queries={args.queries}", "rerank.score_batch_size=16",
+                 f"rerank.micro_batch={args.micro_batch}"]
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
     manifest = run_pipeline(cfg, stages=["synthesize", "rerankers", "rerank"], show_progress=False)

@@ -180,8 +180,8 @@ def test_evaluate_command_reranks(tmp_path, tiny_beir, tiny_bert_dir, capsys):
 
 @pytest.mark.slow
 def test_cross_encoder_on_two_deepspeed_workers(tmp_path, ray_local, tiny_beir, tiny_bert_nodrop_dir):
-    """DeepSpeed ZeRO-2 on 2 workers: the same loss curve as 1 plain worker (the global batch does not depend on
-    the workers), and a folder that loads."""
+    """DeepSpeed ZeRO-2 on 2 workers, and micro-batches: the same loss curve as 1 plain worker (the global batch
+    does not depend on the workers or the micro-batches), and folders that load."""
     from stm_ray.config import load_config
     from stm_ray.rerank.model import load_reranker
     from stm_ray.rerank.train import train_rerankers
@@ -191,13 +191,16 @@ def test_cross_encoder_on_two_deepspeed_workers(tmp_path, ray_local, tiny_beir, 
     spec = [{"name": "ce", "kind": "cross-encoder", "model": tiny_bert_nodrop_dir, "learning_rate": 1e-2,
              "max_length": 64}]
     curves = {}
-    for label, extra in (("plain", []), ("ds", ["rerank.strategy=deepspeed", "rerank.num_workers=2"])):
+    for label, extra in (("plain", []), ("ds", ["rerank.strategy=deepspeed", "rerank.num_workers=2"]),
+                         ("micro", ["rerank.micro_batch=3"]),  # groups 3 + 3 + 2, gradients accumulated
+                         ("ds-micro", ["rerank.strategy=deepspeed", "rerank.num_workers=2", "rerank.micro_batch=3"])):
         cfg = load_config(None, [f"run_dir={tmp_path / label}", f"train.shards={shards}", "rerank.batch_size=8",
                                  f"rerank.rerankers={json.dumps(spec)}", "rerank.max_steps=4", *extra])
         train_rerankers(cfg, show_progress=False)
         curves[label] = json.loads((tmp_path / label / "rerankers" / "ce" / "metrics.json").read_text())["loss"]
         load_reranker(str(tmp_path / label / "rerankers" / "ce"))
-    np.testing.assert_allclose(curves["ds"], curves["plain"], rtol=1e-3)
+    for label in ("ds", "micro", "ds-micro"):
+        np.testing.assert_allclose(curves[label], curves["plain"], rtol=1e-3, err_msg=label)
 
 
 def test_rerank_stages_need_rerankers(tmp_path, tiny_beir):

@@ -247,17 +247,31 @@ def train_loop(config: dict[str, Any]) -> None:
                 break
             per = len(batch) // world
             qs, ds = build_groups(rows, batch, batch[rank * per:(rank + 1) * per], n_neg, rcfg.seed, gstep)
-            feats = {k: v.to(device) for k, v in net.tokenize(qs, ds).items()}
             if engine is None:
                 opt.zero_grad(set_to_none=True)
-            with autocast:
-                logits = model(feats)
-            loss = group_loss(logits, n_neg, rcfg.loss)
+            # micro-batches of whole groups, gradients accumulated: the same update in the memory of one of them
+            mb = min(rcfg.micro_batch or per, per)
+            starts = list(range(0, per, mb))
+            loss = torch.zeros((), device=device)
+            for j, s0 in enumerate(starts):
+                last = j == len(starts) - 1
+                lo, hi = s0 * (1 + n_neg), min(s0 + mb, per) * (1 + n_neg)
+                feats = {k: v.to(device) for k, v in net.tokenize(qs[lo:hi], ds[lo:hi]).items()}
+                sync = (model.no_sync() if engine is None and not last and hasattr(model, "no_sync")
+                        else nullcontext())
+                with sync:
+                    with autocast:
+                        logits = model(feats)
+                    part = group_loss(logits, n_neg, rcfg.loss) * ((hi - lo) / len(qs))
+                    if engine is not None:
+                        engine.set_gradient_accumulation_boundary(last)
+                        engine.backward(part, scale_wrt_gas=False)
+                    else:
+                        part.backward()
+                loss = loss + part.detach()
             if engine is not None:
-                engine.backward(loss)
                 engine.step()
             else:
-                loss.backward()
                 if rcfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, rcfg.max_grad_norm)
                 opt.step()
