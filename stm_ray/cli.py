@@ -12,7 +12,7 @@ from pathlib import Path
 from stm_ray import __version__
 
 EPILOG = """\
-Config files are YAML with one section per stage (data, model, synth, train, search, merge, eval, serve);
+Config files are YAML with one section per stage (data, model, synth, train, search, merge, eval, rerank, serve);
 any field can be overridden on the command line as a dotted key=value, e.g. train.lora.r=32 model.max_length=256.
 Task specs: icd10 (embedded ICD-10-CM clinical coding; icd10:1,2 = chapters 1 and 2), beir:DIR (a BEIR folder),
 mteb:TaskName (downloaded by mteb; needs the Hugging Face hub).
