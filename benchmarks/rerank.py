@@ -37,7 +37,9 @@ def main() -> int:
     ap.add_argument("--synth-rows", type=int, default=600, help="(query, positive) rows synthesized per task")
     ap.add_argument("--llm-rows", type=int, default=64, help="rows per task that get an LLM-written negative")
     ap.add_argument("--rows", type=int, default=1024, help="training rows per reranker (sampled from the shards)")
-    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=64, help="LLM reranker steps (rerank.max_steps)")
+    ap.add_argument("--ce-steps", type=int, default=256, help="cross-encoder steps (its spec's max_steps)")
+    ap.add_argument("--ce-lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--negatives", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=256, help="cross-encoder tokens per (query, document)")
@@ -58,13 +60,13 @@ def main() -> int:
     setup_logging("INFO")
     sci = f"beir:{Path(args.scifact).resolve()}"
     tasks = [sci, "icd10"]
-    specs = [{"name": "cross-encoder", "kind": "cross-encoder", "model": "minilm", "learning_rate": 5e-5,
-              "max_length": args.max_length},
+    specs = [{"name": "cross-encoder", "kind": "cross-encoder", "model": "minilm", "learning_rate": args.ce_lr,
+              "max_length": args.max_length, "max_steps": args.ce_steps},
              {"name": "smollm2", "kind": "llm", "model": "smollm2", "learning_rate": 2e-4,
               "max_length": args.llm_max_length, "lora": {"r": 16, "alpha": 32, "dropout": 0.05}}]
     overrides = [f"run_dir={args.work}", f"data.tasks={json.dumps(tasks)}", "model.name_or_path=minilm",
                  f"synth.max_rows={args.synth_rows}", f"synth.synthetic_max_rows={args.llm_rows}",
-                 f"rerank.rerankers={json.dumps(specs)}", f"rerank.max_rows={args.rows}",
+                 f"rerank.rerankers={json.dumps(specs)}", f"rerank.max_rows={args.rows}", "rerank.epochs=8",
                  f"rerank.max_steps={args.steps}", f"rerank.batch_size={args.batch}",
                  f"rerank.negatives_per_query={args.negatives}", "rerank.retriever=base", f"rerank.top_k={args.k}",
                  f"rerank.max_queries={args.queries}", "rerank.score_batch_size=16",

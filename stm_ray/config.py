@@ -369,6 +369,8 @@ class RerankerSpec(_Frozen):
     lora: LoRAConfig | None = Field(None, description="LoRA settings (null = full fine-tune).")
     max_length: int = Field(256, ge=16, le=32768, description="Max tokens of one (query, document) input; the "
                                                               "document is cut first.")
+    max_steps: int | None = Field(None, ge=1, description="This reranker's step cap (None = rerank.max_steps): a "
+                                                          "small cross-encoder can afford many more steps than an LLM.")
 
 
 class RerankConfig(_Frozen):

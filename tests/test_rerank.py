@@ -92,6 +92,14 @@ def test_groups_and_losses():
 
 def test_presets_and_config_errors():
     from stm_ray.config import ConfigError, load_config
+    from stm_ray.rerank.train import total_steps
+
+    capped = load_config(None, ['rerank.rerankers=[{"name": "ce", "kind": "cross-encoder", "model": "m", '
+                                '"max_steps": 5}, llm]', "rerank.max_steps=3", "rerank.batch_size=4",
+                                "rerank.epochs=2"])
+    ce, llm = capped.rerank.rerankers
+    assert (total_steps(20, capped.rerank, ce), total_steps(20, capped.rerank, llm), total_steps(6, capped.rerank, ce)) \
+        == (5, 3, 4)  # its own cap, the shared cap, two epochs of two batches
 
     cfg = load_config(None, ["rerank.rerankers=[cross-encoder,llm]"])
     kinds = {r.name: (r.kind, r.model, r.lora is not None) for r in cfg.rerank.rerankers}

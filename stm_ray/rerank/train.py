@@ -328,10 +328,11 @@ def _storage(cfg, name: str, fp: Fingerprint) -> Path:
     return Path(cfg.run_dir).resolve() / "train" / f"reranker-{name}-{fp.value}"
 
 
-def total_steps(n_rows: int, rcfg) -> int:
+def total_steps(n_rows: int, rcfg, spec=None) -> int:
     per_epoch = len(plan(n_rows, rcfg.batch_size, rcfg.seed, 0))
     total = per_epoch * rcfg.epochs
-    return min(total, rcfg.max_steps) if rcfg.max_steps else total
+    cap = (spec.max_steps if spec is not None else None) or rcfg.max_steps
+    return min(total, cap) if cap else total
 
 
 def decide_reranker(cfg, spec, rows: RerankRows) -> tuple[Fingerprint, Decision, dict | None]:
@@ -373,7 +374,7 @@ def train_reranker(cfg, spec, rows: RerankRows, *, progress_actor: str | None = 
             if re.fullmatch(rf"reranker-{re.escape(spec.name)}-[0-9a-f]{{16}}", old.name) and (
                     old != storage or decision.previous == fp.value):
                 shutil.rmtree(old, ignore_errors=True)
-    total = total_steps(len(rows), rcfg)
+    total = total_steps(len(rows), rcfg, spec)
     if total == 0:
         raise DataError(f"reranker {spec.name}: no training rows")
     log.info("[reranker %s] %s from %s: %d rows, %d steps, %d worker(s), %s loss, run %s", spec.name, spec.kind,
