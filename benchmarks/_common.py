@@ -46,7 +46,7 @@ def scrub_paths(obj: Any) -> Any:
             obj = obj.replace(old, new)
         return obj
     if isinstance(obj, dict):
-        return {k: scrub_paths(v) for k, v in obj.items()}
+        return {scrub_paths(k): scrub_paths(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [scrub_paths(v) for v in obj]
     return obj
