@@ -151,6 +151,7 @@ def train_loop(config: dict[str, Any]) -> None:
         deepspeed_config,
         lr_lambda,
         peak_memory_gib,
+        restore_checkpoint,
     )
     from stm_ray.utils import setup_logging
 
@@ -191,21 +192,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     state: dict[str, Any] = {"reranker": name, "step": 0, "total_steps": total, "loss": [], "lr": [],
                              "resumed_from": [], "world_size": world, "step_seconds": []}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            prev = json.loads((Path(d) / STATE_FILE).read_text())
-            if engine is not None:
-                engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
-            else:
-                blob = torch.load(Path(d) / TRAINER_FILE, map_location=device, weights_only=False)
-                net.load_state_dict(blob["trainable"], strict=False)
-                opt.load_state_dict(blob["optimizer"])
-                sched.load_state_dict(blob["scheduler"])
-        state.update({k: prev[k] for k in ("step", "loss", "lr", "resumed_from", "step_seconds")})
-        state["resumed_from"].append(prev["step"])
-        if rank == 0:
-            log.info("[reranker %s] resumed from the checkpoint at step %d of %d", name, prev["step"], total)
+    resumed = restore_checkpoint(state, engine, net, opt, sched, device)
+    if resumed is not None and rank == 0:
+        log.info("[reranker %s] resumed from the checkpoint at step %d of %d", name, resumed, total)
     progress = _progress_actor(config.get("progress_actor")) if rank == 0 else None
 
     def save_checkpoint(final: bool) -> None:

@@ -121,6 +121,29 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def restore_checkpoint(state: dict[str, Any], engine, net: nn.Module, opt, sched, device) -> int | None:
+    """Load the Ray Train run's last checkpoint (DeepSpeed engine state, or trainable weights + optimizer +
+    scheduler) into the model and ``state`` (step, curves, resumes); returns the step resumed from, None without
+    a checkpoint. Shared by the expert and the reranker loops, which write checkpoints the same way."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        prev = json.loads((Path(d) / STATE_FILE).read_text())
+        if engine is not None:
+            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
+        else:
+            blob = torch.load(Path(d) / TRAINER_FILE, map_location=device, weights_only=False)
+            net.load_state_dict(blob["trainable"], strict=False)
+            opt.load_state_dict(blob["optimizer"])
+            sched.load_state_dict(blob["scheduler"])
+    state.update({k: prev[k] for k in ("step", "loss", "lr", "resumed_from", "step_seconds")})
+    state["resumed_from"].append(prev["step"])
+    return prev["step"]
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` for :class:`ray.train.torch.TorchTrainer` (see :func:`stm_ray.train.experts.train_expert`)."""
     import ray
@@ -185,21 +208,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     state: dict[str, Any] = {"expert": expert, "step": 0, "total_steps": total, "loss": [], "lr": [],
                              "resumed_from": [], "world_size": world, "step_seconds": []}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            prev = json.loads((Path(d) / STATE_FILE).read_text())
-            if engine is not None:
-                engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
-            else:
-                blob = torch.load(Path(d) / TRAINER_FILE, map_location=device, weights_only=False)
-                net.load_state_dict(blob["trainable"], strict=False)
-                opt.load_state_dict(blob["optimizer"])
-                sched.load_state_dict(blob["scheduler"])
-        state.update({k: prev[k] for k in ("step", "loss", "lr", "resumed_from", "step_seconds")})
-        state["resumed_from"].append(prev["step"])
-        if rank == 0:
-            log.info("[%s] resumed from the checkpoint at step %d of %d", expert, prev["step"], total)
+    resumed = restore_checkpoint(state, engine, net, opt, sched, device)
+    if resumed is not None and rank == 0:
+        log.info("[%s] resumed from the checkpoint at step %d of %d", expert, resumed, total)
 
     progress = _progress_actor(config.get("progress_actor")) if rank == 0 else None
 
