@@ -15,7 +15,9 @@ EPILOG = """\
 Config files are YAML with one section per stage (data, model, synth, train, search, merge, eval, rerank, serve);
 any field can be overridden on the command line as a dotted key=value, e.g. train.lora.r=32 model.max_length=256.
 Task specs: icd10 (embedded ICD-10-CM clinical coding; icd10:1,2 = chapters 1 and 2), beir:DIR (a BEIR folder),
-mteb:TaskName (downloaded by mteb; needs the Hugging Face hub).
+mteb:TaskName (downloaded by mteb; needs the Hugging Face hub), docs:SOURCE (documents only; the queries stage
+writes synthetic queries: SOURCE is a .jsonl / .parquet file with id + text (+ title), a folder of .txt / .md
+files, a folder with corpus.jsonl, or a task spec whose corpus is used, e.g. docs:icd10:9,10).
 Model aliases that work offline: minilm (all-MiniLM-L6-v2), smollm2 (SmolLM2-135M-Instruct).
 """
 
@@ -37,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole loop on the embedded default, offline on a CPU (~15 min on 2 cores)",
                        description="The offline demo: the whole Synthesize-Train-Merge loop (stm-ray run) on the "
                                    "embedded default, with the built-in config stm_ray/configs/demo.yaml. Two clinical "
-                                   "areas of ICD-10-CM (chapters 1-6 and 9-12) are two tasks; Synthesize mines BM25 and "
+                                   "areas of ICD-10-CM (chapters 1-6 and 9-12) are two tasks: area A with its real "
+                                   "queries, area B with its code descriptions only (docs:icd10:9,10,11,12), for which "
+                                   "SmolLM2 writes queries that are filtered by a round trip through MiniLM (stage "
+                                   "queries); Synthesize mines BM25 and "
                                    "dense negatives and has SmolLM2-135M-Instruct (vLLM) write some more; one LoRA expert "
                                    "of all-MiniLM-L6-v2 is trained per area (Ray Train, side by side); Ray Tune searches "
                                    "the query instruction and the mergekit merge; base, each expert and the merged model "
@@ -60,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run directory of stm-ray run / stm-ray demo")
 
-    p = sub.add_parser("run", help="the whole loop: synthesize, train, instructions, merge, evaluate (, rerank, serve)",
-                       description="Run the Synthesize-Train-Merge loop over one run directory: synthesize (Ray Data + "
+    p = sub.add_parser("run", help="the whole loop: (queries,) synthesize, train, instructions, merge, evaluate (, rerank, serve)",
+                       description="Run the Synthesize-Train-Merge loop over one run directory: with docs: tasks, "
+                                   "write and filter synthetic queries for them first (stage 'queries', see stm-ray "
+                                   "queries --help) -> synthesize (Ray Data + "
                                    "vLLM) -> train one LoRA expert per source (Ray Train) -> instruction search and "
                                    "merge search (Ray Tune + mergekit) -> evaluate base, every expert and the merged "
                                    "model on the test split -> with rerank.rerankers set, train those rerankers "
@@ -121,6 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same fingerprint writes only the missing shards; under another one (a changed synth "
                                    "or data field, other task data) it redoes them. Joins the cluster in RAY_ADDRESS, else starts a local Ray on "
                                    "127.0.0.1.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    _add_overrides(p)
+
+    p = sub.add_parser("queries", help="write synthetic queries for docs: tasks (Ray Data + vLLM), filtered",
+                       description="For every docs:SOURCE task of data.tasks (a corpus without queries): sample "
+                                   "queries.max_documents documents and have the generator LLM (synth.generator, vLLM "
+                                   "actors through ray.data.llm, or synth.engine=openai) write queries.per_document "
+                                   "queries each, of the kinds in queries.kinds in turn (keyword, question, lay, "
+                                   "reasoning; templates in queries.prompts, few-shot queries.examples). Filters, "
+                                   "each drop counted by reason: lexical (empty, refusal, boilerplate, too short / "
+                                   "long, copy of the document, duplicate), round trip (the base retriever must put the "
+                                   "source document in its top queries.round_trip_k), a reranker score "
+                                   "(queries.reranker; skipped without one), optionally too-easy ones "
+                                   "(queries.drop_easy). The documents with kept queries are split into train / dev / "
+                                   "test (disjoint; with queries.real_test a docs:icd10 or docs:beir:DIR source's real "
+                                   "test split is the test split). Writes <run_dir>/queries/<docs-name>/ (a BEIR folder "
+                                   "every later stage reads for that task, raw/ generations with their drop reasons, "
+                                   "manifest.json). Resumable (raw shards); a changed filter setting refilters without "
+                                   "generating again. The same stage runs first in stm-ray run.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -357,6 +385,21 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
+def cmd_queries(args) -> int:
+    from stm_ray.config import ConfigError, load_config
+    from stm_ray.synth.queries import docs_tasks, summary_table, synthesize_queries
+
+    _split_config_arg(args)
+    cfg = load_config(args.config, args.overrides)
+    _require_local_run_dir(cfg, args.command)
+    if not docs_tasks(cfg):
+        raise ConfigError("data.tasks has no docs: task (e.g. data.tasks=[docs:path/to/corpus.jsonl])")
+    counts = synthesize_queries(cfg, show_progress=not args.no_progress)
+    print("\n" + summary_table(counts))
+    print(f"\nsynthetic tasks in {Path(cfg.run_dir) / 'queries'} ({counts['seconds']:.0f} s)")
+    return 0
+
+
 def cmd_train(args) -> int:
     from stm_ray.config import load_config
     from stm_ray.train import summary_table, train_experts
@@ -463,7 +506,7 @@ def print_summary(run_dir: str | Path, report: Path | None) -> None:
 
     tasks, table, split = ndcg_table(Path(run_dir))
     if table and tasks:
-        header, rows = summary_rows(tasks, table)
+        header, rows = summary_rows(tasks, table, Path(run_dir))
         print(f"\nNDCG@10 on the {split} split:")
         print(format_table([dict(zip(header, r)) for r in rows], header))
     from stm_ray.report import rerank_rows
@@ -569,7 +612,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo, "report": cmd_report, "train": cmd_train,
-            "synthesize": cmd_synthesize, "train-reranker": cmd_train_reranker, "tune-prompts": cmd_tune_prompts, "merge": cmd_merge, "run": cmd_run}
+            "synthesize": cmd_synthesize, "queries": cmd_queries, "train-reranker": cmd_train_reranker, "tune-prompts": cmd_tune_prompts, "merge": cmd_merge, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,12 +82,14 @@ def _plain(value: Any) -> Any:
 class DataConfig(_Frozen):
     """Which retrieval tasks a run uses and how they are read.
 
-    A task spec is one of the registry's forms: ``icd10`` (embedded default), ``beir:DIR`` (a BEIR folder) or
-    ``mteb:TaskName`` (loaded by mteb; needs the hub).
+    A task spec is one of the registry's forms: ``icd10`` (embedded default), ``beir:DIR`` (a BEIR folder),
+    ``mteb:TaskName`` (loaded by mteb; needs the hub) or ``docs:SOURCE`` (documents only: the queries stage writes
+    synthetic queries for them; SOURCE is a .jsonl / .parquet file, a folder of .txt / .md files, a folder with
+    corpus.jsonl, or another spec such as ``docs:icd10:9,10``).
     """
 
     tasks: list[str] = Field(default_factory=lambda: ["icd10"], min_length=1,
-                             description="Task specs: 'icd10', 'beir:DIR' or 'mteb:TaskName'.")
+                             description="Task specs: 'icd10', 'beir:DIR', 'mteb:TaskName' or 'docs:SOURCE'.")
     train_split: str = Field("train", description="Split used for synthesis and training.")
     dev_split: str = Field("dev", description="Split used by the instruction and merge searches.")
     test_split: str = Field("test", description="Split reported by evaluation.")
@@ -184,6 +186,65 @@ class SynthConfig(_Frozen):
     def _endpoint(self) -> SynthConfig:
         if self.engine == "openai" and not self.base_url:
             raise ValueError("engine 'openai' needs base_url (an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8001/v1)")
+        return self
+
+
+class QueriesConfig(_Frozen):
+    """Query synthesis for ``docs:`` tasks (a corpus without queries): the generator of ``synth`` writes
+    ``per_document`` queries of the ``kinds`` for each sampled document; a cascade filters them (lexical checks and
+    duplicates, round trip through the base retriever, an optional reranker score, optionally too-easy ones); the
+    documents with kept queries are split into train / dev / test (disjoint document sets)."""
+
+    per_document: int = Field(2, ge=1, le=32, description="Queries written per sampled document (kinds in turn).")
+    kinds: list[str] = Field(default_factory=lambda: ["keyword", "question", "lay", "reasoning"], min_length=1,
+                             description="Query kinds: keyword (short search terms), question (a natural question), "
+                                         "lay (a lay person's words), reasoning (a longer need that takes reasoning), "
+                                         "or a kind defined in queries.prompts.")
+    prompts: dict[str, str] = Field(default_factory=dict, description="Prompt templates by kind (new kinds or "
+                                    "overrides), with {document} and optionally {examples}: the user message.")
+    examples: list[str] = Field(default_factory=list, description="A handful of real queries shown to the generator "
+                                "as few-shot examples (InPars, Promptagator); none = zero-shot.")
+    max_documents: int | None = Field(1000, ge=1, description="Documents sampled per task (deterministic); None = all.")
+    min_document_words: int = Field(5, ge=1, description="Documents with fewer words get no queries.")
+    max_new_tokens: int = Field(64, ge=8, description="Max tokens per generated query.")
+    passage_words: int = Field(200, ge=16, description="docs:DIR of .txt/.md: words per passage of a long file.")
+    passage_overlap: int = Field(40, ge=0, description="docs:DIR of .txt/.md: words shared by consecutive passages.")
+    min_words: int = Field(2, ge=1, description="Lexical filter: queries with fewer words are dropped.")
+    max_words: int = Field(80, ge=2, description="Lexical filter: queries with more words are dropped.")
+    round_trip_k: int | None = Field(20, ge=1, description="Round trip: keep a query only when the base retriever "
+                                     "puts its source document in the top k; None = no round-trip filter.")
+    reranker: str | None = Field(None, description="Score filter: a reranker folder (stm-ray train-reranker); "
+                                 "None = skipped (the log says so).", json_schema_extra=INPUT)
+    min_score: float = Field(0.5, ge=0.0, le=1.0, description="Score filter: the reranker's minimum score for the "
+                             "(query, source document) pair.")
+    drop_easy: bool = Field(False, description="Drop too-easy queries: the base retriever ranks the source first "
+                            "with a cosine margin of at least easy_margin over the second.")
+    easy_margin: float = Field(0.15, ge=0.0, le=2.0, description="Margin that makes a query too easy (drop_easy).")
+    dev_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the documents whose queries are dev.")
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the documents whose queries are test "
+                                 "(0 when real_test takes the source's test split).")
+    real_test: bool = Field(True, description="docs:icd10 / docs:beir:DIR / docs:mteb: score on the source's real "
+                            "test queries instead of a synthetic test split (its train qrels are never read).")
+    shard_size: int = Field(256, ge=1, description="Generations per raw shard (the unit of resume).")
+    seed: int = Field(13, description="Seed for document sampling, kinds and splits.")
+
+    @model_validator(mode="after")
+    def _check(self) -> QueriesConfig:
+        from stm_ray.synth.prompts import QUERY_PROMPTS
+
+        unknown = [k for k in self.kinds if k not in QUERY_PROMPTS and k not in self.prompts]
+        if unknown:
+            raise ValueError(f"queries.kinds: unknown kind(s) {unknown}; built in: {', '.join(QUERY_PROMPTS)}, or "
+                             "define one in queries.prompts")
+        for k, t in self.prompts.items():
+            if "{document}" not in t:
+                raise ValueError(f"queries.prompts.{k}: the template needs a {{document}} placeholder")
+        if self.passage_overlap >= self.passage_words:
+            raise ValueError("queries.passage_overlap must be smaller than queries.passage_words")
+        if self.max_words < self.min_words:
+            raise ValueError("queries.max_words must be >= queries.min_words")
+        if self.dev_fraction + self.test_fraction >= 0.9:
+            raise ValueError("queries.dev_fraction + queries.test_fraction must leave documents for train (< 0.9)")
         return self
 
 
@@ -506,6 +567,7 @@ class PipelineConfig(_Frozen):
     data: DataConfig = Field(default_factory=DataConfig, description="Tasks and splits.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base retriever.")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthesis.")
+    queries: QueriesConfig = Field(default_factory=QueriesConfig, description="Query synthesis for docs: tasks.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
     search: SearchConfig = Field(default_factory=SearchConfig, description="Searches.")
     merge: MergeConfig = Field(default_factory=MergeConfig, description="Merge.")

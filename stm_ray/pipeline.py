@@ -2,6 +2,7 @@
 
 Stages, in order (each is the library function the stage's own CLI command calls)::
 
+    queries        stm_ray.synth.synthesize_queries    <run_dir>/queries/<docs-name>/  (docs: tasks only)
     synthesize     stm_ray.synth.synthesize            <run_dir>/synth/
     train          stm_ray.train.train_experts         <run_dir>/experts/
     rerankers      stm_ray.rerank.train_rerankers      <run_dir>/rerankers/        (when rerank.rerankers is set)
@@ -38,7 +39,7 @@ from stm_ray.stage import forcing, recording, summarize
 
 log = logging.getLogger(__name__)
 
-STAGES = ("synthesize", "train", "rerankers", "instructions", "merge", "evaluate", "rerank")
+STAGES = ("queries", "synthesize", "train", "rerankers", "instructions", "merge", "evaluate", "rerank")
 RERANK_STAGES = ("rerankers", "rerank")  # run only when rerank.rerankers names some
 ALL_STAGES = (*STAGES, "serve")
 MANIFEST = "manifest.json"
@@ -96,6 +97,12 @@ class Manifest:
         from stm_ray.utils import atomic_write_json
 
         atomic_write_json(self.path, self.data)
+
+
+def _queries(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
+    from stm_ray.synth.queries import synthesize_queries
+
+    return synthesize_queries(cfg, show_progress=show_progress)
 
 
 def _synthesize(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
@@ -169,7 +176,7 @@ def _evaluate(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[PipelineConfig, bool], dict[str, Any]]] = {
-    "synthesize": _synthesize, "train": _train, "instructions": _instructions, "merge": _merge,
+    "queries": _queries, "synthesize": _synthesize, "train": _train, "instructions": _instructions, "merge": _merge,
     "evaluate": _evaluate, "rerankers": _rerankers, "rerank": _rerank,
 }
 
@@ -192,6 +199,11 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
         if asked:
             raise ConfigError(f"stage(s) {asked} need rerank.rerankers, e.g. rerank.rerankers=[cross-encoder,llm]")
         chosen = [s for s in chosen if s not in RERANK_STAGES]
+    if not any(t.startswith("docs:") for t in cfg.data.tasks):
+        if stages and "queries" in stages:
+            raise ConfigError("stage 'queries' writes queries for docs: tasks, and data.tasks has none (e.g. "
+                              "data.tasks=[docs:path/to/corpus.jsonl])")
+        chosen = [s for s in chosen if s != "queries"]
     if serve or (stages and "serve" in stages):
         chosen.append("serve")
     import stm_ray

@@ -56,11 +56,22 @@ def ndcg_table(run_dir: Path) -> tuple[list[str], dict[str, dict[str, float]], s
     return tasks, {lb: table[lb] for lb in order}, split
 
 
-def area_names(tasks: list[str]) -> dict[str, str]:
-    """A readable name per task spec: icd10 chapter groups get their chapters' short titles."""
+def area_names(tasks: list[str], run_dir: Path | None = None) -> dict[str, str]:
+    """A readable name per task spec: icd10 chapter groups get their chapters' short titles; a docs: task says
+    that its queries are synthetic (and, with ``run_dir``, whether its test split is too)."""
     names = {}
     for t in tasks:
-        if t.startswith("icd10:"):
+        if t.startswith("docs:"):
+            from stm_ray.data.docs import NESTED_KINDS, synthetic_record
+
+            src = t[5:]
+            inner = area_names([src])[src] if src.partition(":")[0] in NESTED_KINDS else Path(src.rstrip("/")).name
+            rec = synthetic_record(run_dir, t) if run_dir is not None else None
+            test = ((rec or {}).get("result") or {}).get("test")
+            names[t] = f"{inner} (" + ("synthetic train, real test" if test == "real" else
+                                       "synthetic queries, test too" if test == "synthetic" else
+                                       "synthetic queries") + ")"
+        elif t.startswith("icd10:"):
             names[t] = f"ICD-10 ch. {t[6:]}"
         elif t.startswith("beir:"):
             names[t] = Path(t[5:].rstrip("/")).name
@@ -69,14 +80,15 @@ def area_names(tasks: list[str]) -> dict[str, str]:
     return names
 
 
-def _bar_plot(tasks: list[str], table: dict[str, dict[str, float]], path: Path, title: str) -> None:
+def _bar_plot(tasks: list[str], table: dict[str, dict[str, float]], path: Path, title: str,
+              run_dir: Path | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = area_names(tasks)
+    names = area_names(tasks, run_dir)
     cols = [*tasks, "mean"]
     labels = list(table)
     x = np.arange(len(cols))
@@ -196,7 +208,7 @@ def rerank_rows(run_dir: Path) -> tuple[list[str], list[list[Any]], dict[str, An
     if not table.get("retriever"):
         return None
     tasks = [t for t in table["retriever"] if t != "mean"]
-    names = area_names(tasks)
+    names = area_names(tasks, Path(run_dir))
     labels = list(table)
     header = ["task", f"{rr.get('retriever', 'retriever')} alone", *[f"+ {lb.removeprefix('rerank-')}" for lb in labels[1:]]]
     rows = [[names[t], *[table[lb].get(t, float("nan")) for lb in labels]] for t in tasks]
@@ -211,9 +223,46 @@ def _md_table(rows: list[list[Any]], header: list[str]) -> str:
     return format_table([dict(zip(header, r)) for r in rows], header)
 
 
-def summary_rows(tasks: list[str], table: dict[str, dict[str, float]]) -> tuple[list[str], list[list[Any]]]:
+def query_synthesis_section(run_dir: Path, stages: dict[str, Any]) -> list[str]:
+    """The queries stage's section: per docs: task, yield per kind and per filter, splits, a few examples."""
+    counts = ((stages.get("queries") or {}).get("counts") or {}).get("tasks") or {}
+    if not counts:
+        return []
+    md = ["## Query synthesis", "",
+          "Queries written by the generator for `docs:` tasks (a corpus without queries), then filtered: lexical "
+          "checks and duplicates, round trip (the source document in the base retriever's top k), the reranker's "
+          "score when one is given, optionally too-easy ones. Train and dev (and test, unless the source has a real "
+          "one) are synthetic queries of disjoint document sets.", ""]
+    for spec, r in counts.items():
+        rows = [[k, v["generated"], v["kept"], f"{v['kept'] / v['generated']:.0%}" if v["generated"] else "-"]
+                for k, v in r["by_kind"].items()]
+        rows.append(["all", r["generated"], r["kept"], f"{r['yield']:.0%}"])
+        f = r.get("filters") or {}
+        s = r["splits"]
+        md += [f"### `{spec}`", "",
+               f"{r['documents_sampled']} of {r['documents']} documents sampled; "
+               f"{r['gen_tokens']} tokens generated" + (f" ({r['tokens_per_s']} tokens/s, all tasks)"
+                                                        if r.get("tokens_per_s") else "") + ".", "",
+               _md_table(rows, ["kind", "generated", "kept", "yield"]), "",
+               "Dropped by filter: " + (", ".join(f"{k} {v}" for k, v in r["drops"].items() if v) or "none") +
+               f" (round trip: top {f.get('round_trip_k')}; score filter: "
+               + (f"`{f['reranker']}` >= {f['min_score']}" if f.get("reranker") else "skipped, no reranker") +
+               f"; too-easy filter: {'on' if f.get('drop_easy') else 'off'}).", "",
+               f"Splits (queries): train {s['train']} (synthetic), dev {s['dev']} (synthetic), test {s['test']} "
+               f"({r['test']}).", ""]
+        ex = r.get("examples") or {}
+        if ex.get("kept"):
+            md += ["Examples kept: " + "; ".join(f"*{k}*: \"{q}\"" for k, qs in ex["kept"].items() for q in qs[:1]), ""]
+        if ex.get("dropped"):
+            md += ["Examples dropped: " + "; ".join(f"\"{d['query'][:80]}\" ({d['reason']})" for d in ex["dropped"]), ""]
+    md += ["Every generation with its drop reason: `queries/<docs-name>/raw/filtered.parquet`.", ""]
+    return md
+
+
+def summary_rows(tasks: list[str], table: dict[str, dict[str, float]],
+                 run_dir: Path | None = None) -> tuple[list[str], list[list[Any]]]:
     """The headline table: one row per task (area) and the mean; one column per model."""
-    names = area_names(tasks)
+    names = area_names(tasks, run_dir)
     header = ["task", *table]
     rows = [[names[t], *[table[lb].get(t, float("nan")) for lb in table]] for t in tasks]
     rows.append(["mean", *[table[lb].get("mean", float("nan")) for lb in table]])
@@ -239,7 +288,7 @@ def write_report(run_dir: str | Path) -> Path:
     tasks, table, split = ndcg_table(run_dir)
     md += [f"## NDCG@10 on the {split} split", ""]
     if table and tasks:
-        header, rows = summary_rows(tasks, table)
+        header, rows = summary_rows(tasks, table, run_dir)
         md += [_md_table(rows, header), ""]
         base, merged = table.get("base"), table.get("merged")
         experts = {lb: r for lb, r in table.items() if lb.startswith("expert-")}
@@ -250,7 +299,7 @@ def write_report(run_dir: str | Path) -> Path:
                       + (f" Merged vs the best single expert ({best[0]}): {merged['mean'] - best[1]['mean']:+.4f} on "
                          "the mean." if best[0] else ""))
             md.append("")
-        _bar_plot(tasks, table, plots / "ndcg_per_task.png", f"NDCG@10 ({split} split)")
+        _bar_plot(tasks, table, plots / "ndcg_per_task.png", f"NDCG@10 ({split} split)", run_dir)
         md += ["![NDCG@10 per task](report/ndcg_per_task.png)", ""]
         dims = dimension_rows(run_dir, list(table))
         if dims:
@@ -270,6 +319,10 @@ def write_report(run_dir: str | Path) -> Path:
                "each reranker (NDCG@10; seconds per query on this machine).", "", _md_table(rows, header), "",
                "Results in mteb format: `eval/rerank-<name>/<task>.json` (with the retriever's own scores).", ""]
 
+    md += query_synthesis_section(run_dir, stages)
+    docs = [t for t in (cfg.get("data") or {}).get("tasks", []) if t.startswith("docs:")]
+    synthetic_dev = (f" Dev sets of {', '.join(f'`{t}`' for t in docs)} are synthetic queries." if docs else "")
+
     merge = _load(run_dir / "merged" / "merge.json")
     md += ["## Merge search", ""]
     if merge:
@@ -280,7 +333,7 @@ def write_report(run_dir: str | Path) -> Path:
                   f"{w}{dens}; mean dev NDCG@10 {res.get('dev', {}).get('ndcg_at_10', float('nan')):.4f} (base "
                   f"{(res.get('base_dev') or {}).get('ndcg_at_10', float('nan')):.4f}"
                   + "".join(f", {n} {d['ndcg_at_10']:.4f}" for n, d in (res.get("experts_dev") or {}).items()) + ")."
-                  + (f" Dropped: {', '.join(res['dropped'])}." if res.get("dropped") else ""))
+                  + (f" Dropped: {', '.join(res['dropped'])}." if res.get("dropped") else "") + synthetic_dev)
         md.append("")
         if _merge_plot(merge, plots / "merge_trials.png"):
             md += ["![merge trials](report/merge_trials.png)", ""]
@@ -294,7 +347,7 @@ def write_report(run_dir: str | Path) -> Path:
                f"Winner: `{(instr.get('best') or {}).get('instruction') or '(none)'}` — mean dev NDCG@10 "
                f"{(instr.get('dev') or {}).get('ndcg_at_10', float('nan')):.4f} (no instruction: "
                f"{(instr.get('baseline') or {}).get('ndcg_at_10', float('nan')):.4f}), {len(instr.get('trials') or [])} "
-               "candidates.", ""]
+               "candidates." + synthetic_dev, ""]
 
     synth = ((stages.get("synthesize") or {}).get("counts")) or ((_load(run_dir / "synth" / "manifest.json") or {})
                                                                   .get("result"))

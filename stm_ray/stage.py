@@ -36,6 +36,12 @@ log = logging.getLogger("stm_ray.stage")
 READS: dict[str, tuple[str, ...]] = {
     "synthesize": ("data.tasks", "data.train_split", "data.dev_split", "data.max_queries", "data.seed", "model",
                    "synth"),
+    "query-generations": ("queries.per_document", "queries.kinds", "queries.prompts", "queries.examples",
+                          "queries.max_documents", "queries.min_document_words", "queries.max_new_tokens",
+                          "queries.passage_words", "queries.passage_overlap", "queries.shard_size", "queries.seed",
+                          "synth.generator", "synth.engine", "synth.temperature", "synth.top_p",
+                          "synth.prompt_max_chars", "synth.seed"),
+    "queries": ("queries", "model"),
     "train": ("model", "train"),
     "instructions": ("data.tasks", "data.dev_split", "model", "search.instructions", "search.use_synth_pool",
                      "search.num_samples", "search.searcher", "search.dev_max_queries", "search.dev_corpus_size",

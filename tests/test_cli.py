@@ -12,10 +12,10 @@ from stm_ray.cli import build_parser, main
 
 def test_help_lists_commands_and_explains_overrides():
     text = build_parser().format_help()
-    for cmd in ("demo", "run", "report", "evaluate", "synthesize", "train", "tune-prompts", "merge", "serve", "config",
-                "data"):
+    for cmd in ("demo", "run", "report", "evaluate", "queries", "synthesize", "train", "tune-prompts", "merge", "serve",
+                "config", "data"):
         assert cmd in text
-    assert "key=value" in text and "beir:DIR" in text and "minilm" in text
+    assert "key=value" in text and "beir:DIR" in text and "docs:SOURCE" in text and "minilm" in text
 
 
 def test_console_script_runs():
@@ -36,17 +36,20 @@ def test_demo_config_is_two_clinical_areas_offline():
     cfg = load_config(str(demo_config_path()))
     assert cfg.run_dir == "runs/demo" and cfg.model.name_or_path == "minilm" and cfg.synth.generator == "smollm2"
     assert cfg.synth.expert_by == "task" and len(cfg.data.tasks) == 2
-    chapters = [set(t.removeprefix("icd10:").split(",")) for t in cfg.data.tasks]
-    assert all(t.startswith("icd10:") for t in cfg.data.tasks) and not chapters[0] & chapters[1]
-    for spec in cfg.data.tasks:
-        task = load_task(spec)
-        assert len(task.split("test")) > 100 and len(task.split("dev")) > 100
+    real, docs = cfg.data.tasks
+    assert real.startswith("icd10:") and docs.startswith("docs:icd10:")  # real queries / documents only
+    chapters = [set(t.removeprefix("docs:").removeprefix("icd10:").split(",")) for t in cfg.data.tasks]
+    assert not chapters[0] & chapters[1]
+    task = load_task(real)
+    assert len(task.split("test")) > 100 and len(task.split("dev")) > 100
+    task = load_task(docs)  # the corpus and the real test split only: its train queries are never read
+    assert list(task.qrels) == ["test"] and len(task.split("test")) > 100 and cfg.queries.real_test
     assert "demo.yaml" in build_parser()._subparsers._group_actions[0].choices["demo"].format_help()
 
 
-# The demo's own config, shrunk to minutes: two small clinical areas (401 and 471 codes, 39 and 37 test queries), few
-# rows, BM25 mining only (dense mining is tests/test_synth_ray.py's), four LLM negatives per area, two trials per search. The real engine (SmolLM2 on vLLM) and the real MiniLM.
-DEMO_SMALL = ["data.tasks=[icd10:3,icd10:10]", "synth.miners=[bm25]", "synth.max_rows=48", "synth.synthetic_max_rows=4",
+# The demo's own config, shrunk to minutes: two small clinical areas (401 and 471 codes, 39 and 37 test queries; the
+# second one's queries written by SmolLM2 for 24 codes), few rows, BM25 mining only (dense mining is tests/test_synth_ray.py's), four LLM negatives per area, two trials per search. The real engine (SmolLM2 on vLLM) and the real MiniLM.
+DEMO_SMALL = ["data.tasks=[icd10:3,docs:icd10:10]", "queries.max_documents=24", "synth.miners=[bm25]", "synth.max_rows=48", "synth.synthetic_max_rows=4",
               "synth.max_new_tokens=32", "synth.instruction_pool_size=1", "train.batch_size=16",
               "search.num_samples=2", "search.dev_max_queries=20", "search.dev_corpus_size=200", "merge.num_samples=2"]
 
@@ -65,12 +68,15 @@ def test_demo_command_runs_the_main_job_and_prints_the_table(tmp_path):
     header = table.splitlines()[1]
     cols = [c.strip() for c in header.strip("|").split("|")]
     assert cols[:2] == ["task", "base"] and cols[-1] == "merged"
-    assert sorted(cols[2:-1]) == ["expert-icd10-10", "expert-icd10-3"]
+    assert sorted(cols[2:-1]) == ["expert-docs-icd10-10", "expert-icd10-3"]
     rows = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:-1]] for line in table.splitlines()[3:6]}
-    assert set(rows) == {"ICD-10 ch. 3", "ICD-10 ch. 10", "mean"}
+    assert set(rows) == {"ICD-10 ch. 3", "ICD-10 ch. 10 (synthetic train, real test)", "mean"}
     assert all(0.0 < v <= 1.0 for vs in rows.values() for v in vs)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert all(manifest["stages"][n]["action"] == "ran" for n in ("synthesize", "train", "merge", "evaluate"))
+    assert all(manifest["stages"][n]["action"] == "ran" for n in ("queries", "synthesize", "train", "merge", "evaluate"))
+    q = manifest["stages"]["queries"]["counts"]["tasks"]["docs:icd10:10"]
+    assert q["generated"] == 48 and q["drops"]["engine_error"] == 0 and q["gen_tokens"] and q["test"] == "real"
+    assert q["kept"] == q["generated"] - sum(q["drops"].values()) and q["kept"] > 0
     synth = manifest["stages"]["synthesize"]["counts"]
     assert synth["synthetic_generated"] == 8 and synth["drops_by_reason"]["engine_error"] == 0 and synth["gen_tokens"]
     assert (tmp_path / "run" / "report.md").is_file() and "report:" in out

@@ -18,6 +18,8 @@ def task_instruction(task_spec: str, task_name: str, configured: str | None) -> 
     """The instruction a task's rows are made with: the configured query instruction, else a built-in one."""
     if configured:
         return configured.strip().removeprefix("Instruct:").split("\n")[0].strip()
+    # a docs: task over a known corpus asks what that corpus's queries ask
+    task_spec, task_name = task_spec.removeprefix("docs:"), task_name.removeprefix("docs:")
     for key in (task_spec, task_name, task_name.split(":")[0]):
         if key in DEFAULT_INSTRUCTIONS:
             return DEFAULT_INSTRUCTIONS[key]

@@ -105,6 +105,7 @@ class RetrievalTask:
     qrels: dict[str, pa.Table]
     description: str = ""
     report: DataReport = field(default_factory=DataReport)
+    synthetic_splits: tuple[str, ...] = ()  # splits whose queries an LLM wrote (docs: tasks): marked where printed
 
     @property
     def splits(self) -> list[str]:

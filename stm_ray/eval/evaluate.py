@@ -147,8 +147,10 @@ def evaluate_tasks(cfg, *, model: str | None = None, tasks: list[str] | None = N
     results = []
     for task in tasks:
         out = result_path(output, task, len(tasks)) if output else None
-        results.append(evaluate(emb, task, split or cfg.data.test_split, eval_cfg=cfg.eval,
-                                strict=cfg.data.strict if strict is None else strict,
+        strict_ = cfg.data.strict if strict is None else strict
+        # a docs: task is the one the run's queries stage wrote (named by its spec)
+        loaded = load_task(task, strict=strict_, run_dir=cfg.run_dir) if task.startswith("docs:") else task
+        results.append(evaluate(emb, loaded, split or cfg.data.test_split, eval_cfg=cfg.eval, strict=strict_,
                                 max_queries=max_queries or cfg.data.max_queries, use_mteb=use_mteb, output=out,
                                 show_progress=show_progress, record=(records or {}).get(task)))
         if out:
@@ -163,7 +165,7 @@ def evaluation_fingerprint(cfg, model: str, task: str) -> Fingerprint:
     from stm_ray.modeling import model_fingerprint
 
     return fingerprint("evaluate", cfg, {"model": model_fingerprint(model), "task": task,
-                                         "data": task_fingerprint(task)})
+                                         "data": task_fingerprint(task, cfg.run_dir)})
 
 
 def evaluate_models(cfg, models: dict[str, str], *, show_progress: bool = True) -> dict[str, Any]:

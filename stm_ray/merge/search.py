@@ -136,7 +136,7 @@ def merge_fingerprint(cfg, experts: dict[str, str], instruction: str | None) -> 
 
     return fingerprint("merge", cfg, {"experts": {n: model_fingerprint(p) for n, p in experts.items()},
                                       "base": model_fingerprint(cfg.model.name_or_path), "instruction": instruction,
-                                      "tasks": {t: task_fingerprint(t) for t in cfg.data.tasks}})
+                                      "tasks": {t: task_fingerprint(t, cfg.run_dir) for t in cfg.data.tasks}})
 
 
 def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:

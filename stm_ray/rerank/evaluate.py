@@ -48,7 +48,7 @@ def rerank_fingerprint(cfg, retriever: str, reranker: str, task: str) -> Fingerp
     from stm_ray.modeling import model_fingerprint
 
     return fingerprint("rerank", cfg, {"retriever": model_fingerprint(retriever), "reranker": model_fingerprint(reranker),
-                                       "task": task, "data": task_fingerprint(task)})
+                                       "task": task, "data": task_fingerprint(task, cfg.run_dir)})
 
 
 def resolve_retriever(cfg) -> tuple[str, str]:
@@ -82,7 +82,7 @@ def rerank_task(cfg, retriever: str, rerankers: dict[str, Any], task: str, *, sh
     from stm_ray.utils import atomic_write_json
 
     rcfg = cfg.rerank
-    t = load_task(task, strict=cfg.data.strict)
+    t = load_task(task, strict=cfg.data.strict, run_dir=cfg.run_dir)
     split = t.split(cfg.data.test_split, max_queries=rcfg.max_queries or cfg.data.max_queries)
     emb = embedder or Embedder.from_config(cfg.model.model_copy(update={"name_or_path": retriever}))
     k_values = tuple(cfg.eval.k_values)

@@ -60,7 +60,7 @@ def dev_sets(cfg, loaded: dict[str, RetrievalTask] | None = None) -> list[Retrie
     s = cfg.search
     out = []
     for spec in cfg.data.tasks:
-        task = (loaded or {}).get(spec) or load_task(spec, strict=cfg.data.strict)
+        task = (loaded or {}).get(spec) or load_task(spec, strict=cfg.data.strict, run_dir=cfg.run_dir)
         sp = task.split(cfg.data.dev_split, max_queries=s.dev_max_queries, seed=s.seed)
         if not len(sp):
             raise ValueError(f"task {spec}: no dev queries with a relevant document in split {cfg.data.dev_split!r}")

@@ -44,7 +44,7 @@ class InstructionSearchResult:
 
 def load_tasks(cfg) -> dict[str, RetrievalTask]:
     """Every task of ``data.tasks``, by spec (loaded once for the candidates and the dev sets)."""
-    return {spec: load_task(spec, strict=cfg.data.strict) for spec in cfg.data.tasks}
+    return {spec: load_task(spec, strict=cfg.data.strict, run_dir=cfg.run_dir) for spec in cfg.data.tasks}
 
 
 def candidate_instructions(cfg, tasks: dict[str, RetrievalTask] | None = None) -> list[str]:
@@ -127,7 +127,7 @@ def instructions_fingerprint(cfg, model: str) -> Fingerprint:
         for f in sorted((Path(cfg.run_dir) / "synth" / "instructions").glob("*.json")):
             pools[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
     return fingerprint("instructions", cfg, {"model": model_fingerprint(model), "pools": pools,
-                                             "tasks": {t: task_fingerprint(t) for t in cfg.data.tasks}})
+                                             "tasks": {t: task_fingerprint(t, cfg.run_dir) for t in cfg.data.tasks}})
 
 
 def _reused(record: dict[str, Any]) -> InstructionSearchResult:

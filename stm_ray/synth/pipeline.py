@@ -56,7 +56,12 @@ ROW_FIELDS = ("kind", "key", "gen", "shard", "task", "expert", "query_id", "quer
 
 
 def safe_name(text: str) -> str:
-    """A task spec or tag as a file/folder name (``beir:/data/scifact`` -> ``beir-scifact``)."""
+    """A task spec or tag as a file/folder name (``beir:/data/scifact`` -> ``beir-scifact``, ``docs:/data/notes``
+    -> ``docs-notes``)."""
+    if text.startswith("docs:"):
+        from stm_ray.data.docs import folder_name
+
+        return folder_name(text)
     if text.startswith("beir:"):
         text = "beir-" + Path(text[5:].rstrip("/")).name
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._") or "task"
@@ -105,7 +110,7 @@ def synth_fingerprint(cfg: PipelineConfig) -> Fingerprint:
 
     s = cfg.synth
     return fingerprint("synthesize", cfg, {
-        "tasks": {spec: task_fingerprint(spec) for spec in cfg.data.tasks},
+        "tasks": {spec: task_fingerprint(spec, cfg.run_dir) for spec in cfg.data.tasks},
         "dense_model": model_fingerprint(cfg.model.name_or_path) if "dense" in s.miners else None,
         "generator": model_fingerprint(s.generator) if s.engine == "vllm" and s.synthetic_per_query else s.generator})
 
@@ -191,7 +196,10 @@ def _node_cpus() -> int:
 
 def _instruction_rows(task: RetrievalTask, spec: str, cfg: PipelineConfig) -> list[dict[str, Any]]:
     n = cfg.synth.instruction_pool_size
-    qtext = task.queries.column("text").to_pylist()
+    # examples from the train split only: a test query never reaches a prompt
+    train = set(task.qrels_dict(cfg.data.train_split)) if cfg.data.train_split in task.qrels else set()
+    qtext = [t for i, t in zip(task.queries.column("_id").to_pylist(), task.queries.column("text").to_pylist())
+             if i in train]
     examples = sorted(qtext, key=lambda q: stable_fraction(q, "examples"))[:3]
     desc = task.description or f"retrieval task {task.name}"
     desc = f"{desc}. Example instruction: {task_instruction(spec, task.name, cfg.model.query_instruction)}"
@@ -208,12 +216,12 @@ def _use_gpu(cfg: PipelineConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def build_generator(cfg: PipelineConfig):
-    """The ray.data.llm processor the config asks for."""
+def build_generator(cfg: PipelineConfig, query_max_tokens: int = 64):
+    """The ray.data.llm processor the config asks for (``query_max_tokens``: for the queries stage's rows)."""
     from stm_ray.synth.llm import build_http_processor, build_vllm_processor
 
     if cfg.synth.engine == "openai":
-        return build_http_processor(cfg.synth)
+        return build_http_processor(cfg.synth, query_max_tokens=query_max_tokens)
     import ray
 
     from stm_ray.modeling.aliases import resolve_model
@@ -223,7 +231,7 @@ def build_generator(cfg: PipelineConfig):
     if not local:
         log.info("multi-node cluster: vLLM checks its KV-cache budget on the engine's node")
     return build_vllm_processor(cfg.synth, resolve_model(cfg.synth.generator), use_gpu=_use_gpu(cfg),
-                                check_memory=local)
+                                check_memory=local, query_max_tokens=query_max_tokens)
 
 
 class _ShardWriter:
@@ -356,7 +364,7 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
     skipped = 0
     instr_rows: list[dict] = []
     for spec in cfg.data.tasks:
-        task = load_task(spec, strict=cfg.data.strict)
+        task = load_task(spec, strict=cfg.data.strict, run_dir=cfg.run_dir)
         tasks[spec] = task
         rows = plan_pairs(task, spec, cfg)
         if not rows:

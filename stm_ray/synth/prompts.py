@@ -61,3 +61,32 @@ def clean_instruction(text: str) -> str | None:
     if not (4 <= len(words) <= 40) or words[0].lower().strip(",:") not in _INSTR_VERBS:
         return None
     return line.rstrip(".:;")
+
+
+# --- query synthesis (docs: tasks) --------------------------------------------------------------------------------
+
+QUERY_SYSTEM = ("You write search queries that real users would type to find a given document. Reply with the query "
+                "only: no quotes, no label, no explanation.")
+_QUERY_TAIL = "\n\n{examples}Document:\n{document}\n\nQuery:"
+QUERY_PROMPTS: dict[str, str] = {
+    "keyword": "Write a short keyword query (2 to 6 words) that someone would type into a search engine to find the "
+               "document below. Do not copy a whole sentence from it." + _QUERY_TAIL,
+    "question": "Write one natural question that the document below answers. Use your own words; do not copy a "
+                "sentence from it." + _QUERY_TAIL,
+    "lay": "Write one question about the topic of the document below the way a patient or a non-specialist would "
+           "ask it, in everyday words without technical terms." + _QUERY_TAIL,
+    "reasoning": "Write one longer search request (one or two sentences) describing a situation or need for which "
+                 "the document below is the answer, without naming its main terms directly, so that finding it "
+                 "takes some reasoning." + _QUERY_TAIL,
+}
+
+
+def query_messages(template: str, document: str, examples: list[str]) -> list[dict[str, str]]:
+    """One query-writing prompt: the kind's template around the document, with few-shot example queries when the
+    user gave some. The document comes last, so prompts of one kind share their prefix."""
+    ex = ("Examples of real queries (match their style, not their topic):\n" +
+          "\n".join(f"- {q}" for q in examples[:5]) + "\n\n") if examples else ""
+    user = template.replace("{examples}", ex).replace("{document}", document)
+    if "{examples}" not in template and ex:
+        user = ex + user
+    return [{"role": "system", "content": QUERY_SYSTEM}, {"role": "user", "content": user}]
