@@ -504,6 +504,16 @@ def print_summary(run_dir: str | Path, report: Path | None) -> None:
     from stm_ray.report import ndcg_table, summary_rows
     from stm_ray.tables import format_table
 
+    try:
+        manifest = json.loads((Path(run_dir) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    queries = ((manifest.get("stages") or {}).get("queries") or {}).get("counts") or {}
+    if queries.get("tasks"):
+        from stm_ray.synth.queries import summary_table
+
+        print("\nsynthetic queries (docs: tasks):")
+        print(summary_table(queries))
     tasks, table, split = ndcg_table(Path(run_dir))
     if table and tasks:
         header, rows = summary_rows(tasks, table, Path(run_dir))

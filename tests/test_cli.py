@@ -77,6 +77,7 @@ def test_demo_command_runs_the_main_job_and_prints_the_table(tmp_path):
     q = manifest["stages"]["queries"]["counts"]["tasks"]["docs:icd10:10"]
     assert q["generated"] == 48 and q["drops"]["engine_error"] == 0 and q["gen_tokens"] and q["test"] == "real"
     assert q["kept"] == q["generated"] - sum(q["drops"].values()) and q["kept"] > 0
+    assert "synthetic queries (docs: tasks):" in out and "splits (queries): train" in out
     synth = manifest["stages"]["synthesize"]["counts"]
     assert synth["synthetic_generated"] == 8 and synth["drops_by_reason"]["engine_error"] == 0 and synth["gen_tokens"]
     assert (tmp_path / "run" / "report.md").is_file() and "report:" in out

@@ -259,3 +259,46 @@ def test_docs_only_loop_end_to_end(tmp_path, ray_local, tiny_beir, tiny_llama_di
     assert same["stages"]["queries"]["action"] == "reused"
     filtered = pq.read_table(next((run / "queries").rglob("filtered.parquet"))).to_pylist()
     assert {r["drop"] for r in filtered} <= {"", *DROP_REASONS}
+
+
+@pytest.mark.integration
+def test_score_filter_drops_below_min_score_and_too_easy(tmp_path, ray_local, tiny_bert_dir):
+    """The cascade's later steps on hand-made generations: the reranker's score (a cross-encoder folder) drops the
+    pairs under queries.min_score, the too-easy filter drops first-ranked sources with a wide margin, each counted."""
+    import numpy as np
+    import torch
+
+    from stm_ray.config import load_config
+    from stm_ray.data import load_task
+    from stm_ray.rerank.model import CrossEncoderReranker
+    from stm_ray.synth.queries import filter_queries
+
+    torch.manual_seed(0)
+    CrossEncoderReranker.from_pretrained(tiny_bert_dir, max_length=64).save(tmp_path / "ce")
+    root = _md_folder(tmp_path / "notes")
+    spec = f"docs:{root}"
+    task = load_task(spec)
+    ids = task.corpus.column("_id").to_pylist()
+    raw = [{"doc_id": d, "gen": g, "kind": "question", "generated": f"{q} number {g}", "gen_tokens": 5,
+            "engine_error": ""} for d, q in zip(ids, ["what is this illness", "how is it treated", "who gets it",
+                                                    "is it contagious", "signs and symptoms", "long term outlook",
+                                                    "risk factors for it", "how common is it"]) for g in range(2)]
+    raw.append({**raw[0], "gen": 9})  # the same text again: a duplicate
+    raw.append({**raw[1], "gen": 10, "generated": "", "engine_error": "engine died"})
+    base = [f"run_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_bert_dir}", f"data.tasks=[{spec}]",
+            "queries.round_trip_k=null", "queries.min_words=1"]
+    cfg = load_config(None, [*base, f"queries.reranker={tmp_path / 'ce'}", "queries.min_score=0.0"])
+    rows, drops = filter_queries(cfg, task, spec, [dict(r) for r in raw], tmp_path / "run" / "synth")
+    scores = [r["score"] for r in rows if "score" in r]
+    assert len(scores) == 16 and drops["duplicate"] == 1 and drops["engine_error"] == 1 and drops["score"] == 0
+    cut = float(np.median(scores))
+    cfg = load_config(None, [*base, f"queries.reranker={tmp_path / 'ce'}", f"queries.min_score={cut}"])
+    rows, drops = filter_queries(cfg, task, spec, [dict(r) for r in raw], tmp_path / "run" / "synth")
+    assert drops["score"] == sum(s < cut for s in scores) > 0
+    assert all(r["drop"] == "score" for r in rows if "score" in r and r["score"] < cut)
+    # too easy: with a zero margin every query whose source is ranked first is dropped, the others kept
+    cfg = load_config(None, [*base, "queries.drop_easy=true", "queries.easy_margin=0.0"])
+    rows, drops = filter_queries(cfg, task, spec, [dict(r) for r in raw], tmp_path / "run" / "synth")
+    firsts = [r for r in rows if r.get("rank") == 0 and r.get("margin", -1) >= 0]
+    assert drops["too_easy"] == len(firsts) and all(r["drop"] == "too_easy" for r in firsts)
+    assert all(r["drop"] == "" for r in rows if r.get("rank", 0) > 0)

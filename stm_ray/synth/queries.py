@@ -286,7 +286,7 @@ def filter_queries(cfg: PipelineConfig, task: RetrievalTask, spec: str, raw: lis
         scores = ray.get(ray.remote(num_cpus=1)(_rerank_scores).remote(
             q.reranker, [(r["query"], texts[index[r["doc_id"]]]) for r in live], cfg.rerank.score_batch_size))
         for r, s in zip(live, scores):
-            r["score"] = round(s, 4)
+            r["score"] = float(s)
             if s < q.min_score:
                 r["drop"] = "score"
                 drops["score"] += 1
