@@ -120,6 +120,10 @@ def test_query_checks_name_their_reason():
              "how do people catch cholera": None, "Question: cholera from drinking water?": None}
     for text, reason in cases.items():
         assert check_query(text, doc)[1] == reason, text
+    code = "I44.39 Other atrioventricular block"
+    assert check_query("what is i44.39 heart block", code, doc_id="I44.39")[1] == "copy_of_document"
+    assert check_query("Document: slow heart rhythm block", code, doc_id="I44.39") == ("slow heart rhythm block", None)
+    assert check_query("covid 19 vaccine side effects", "text", doc_id="4983")[1] is None  # a number is no code
 
 
 def test_query_prompts_and_config_validation():
@@ -134,6 +138,10 @@ def test_query_prompts_and_config_validation():
     assert msgs[0]["role"] == "system" and "everyday words" in user and user.endswith("Query:")
     assert "- what is wheezing" in user and user.index("Examples") < user.index("Document:")
     assert len(user.split("Document:\n")[1]) < 120  # the document is cut to synth.prompt_max_chars
+    from stm_ray.synth.llm import _sampling
+
+    sp = _sampling(load_config(None).synth, {**row, "key": "d\x1f0", "gen": 0}, query_max_tokens=20)
+    assert sp["max_tokens"] == 20 and sp["stop"] == ["\n"]  # one line per query
     with pytest.raises(ConfigError, match="unknown kind"):
         load_config(None, ["queries.kinds=[keyword,riddle]"])
     with pytest.raises(ConfigError, match="document"):

@@ -89,6 +89,7 @@ def clean_query(text: str | None) -> str:
     line = next((ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()), "")
     line = re.sub(r"^([-*•]|\d+[.)])\s+", "", line)
     line = _QUERY_LABEL.sub("", line, count=1).strip()
+    line = re.sub(r"^document\s*:\s*", "", line, flags=re.I)  # the prompt's label echoed back
     if len(line) >= 2 and line[0] in "\"'“" and line[-1] in "\"'”":
         line = line[1:-1].strip()
     return line
@@ -99,11 +100,13 @@ def normalize_query(text: str) -> str:
     return " ".join(_words(text))
 
 
-def check_query(text: str | None, document: str, *, min_words: int = 2, max_words: int = 80) -> tuple[str, str | None]:
+def check_query(text: str | None, document: str, *, min_words: int = 2, max_words: int = 80,
+                doc_id: str | None = None) -> tuple[str, str | None]:
     """(cleaned query, None) when a generated query passes the lexical checks, else (cleaned query, reason):
     ``empty``, ``refusal``, ``boilerplate`` (chat filler, or the prompt's labels echoed), ``too_short`` /
-    ``too_long`` (word counts), ``copy_of_document`` (the document itself, nearly so, or a sentence of it copied:
-    eight or more words of the query appear in the document in the same order)."""
+    ``too_long`` (word counts), ``copy_of_document`` (the document itself, nearly so, a sentence of it copied:
+    eight or more words of the query appear in the document in the same order, or the document's code: an id
+    with letters and digits, such as ICD-10's ``I44.39``, named in the query)."""
     q = clean_query(text)
     if not q:
         return q, "empty"
@@ -118,5 +121,8 @@ def check_query(text: str | None, document: str, *, min_words: int = 2, max_word
         return q, "too_long"
     doc = " ".join(_words(document))
     if _near(q, document) or (len(words) >= 8 and " ".join(words) in doc):
+        return q, "copy_of_document"
+    if doc_id and re.search(r"[A-Za-z]", doc_id) and re.search(r"\d", doc_id) and re.search(
+            r"(?<![A-Za-z0-9])" + re.escape(doc_id) + r"(?![A-Za-z0-9])", q, re.I):
         return q, "copy_of_document"
     return q, None

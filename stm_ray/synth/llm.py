@@ -42,6 +42,8 @@ def _sampling(cfg: SynthConfig, row: dict[str, Any], seeded: bool = True, query_
     temp = cfg.temperature if row["kind"] in ("negative", "query") else max(cfg.temperature, 0.9)
     max_tokens = {"negative": cfg.max_new_tokens, "query": query_max_tokens}.get(row["kind"], 48)
     out = {"temperature": temp, "top_p": cfg.top_p, "max_tokens": max_tokens}
+    if row["kind"] == "query":
+        out["stop"] = ["\n"]  # a query is one line: what a small model adds after it is chatter
     if seeded:
         out["seed"] = row_seed(row["key"], row["gen"], cfg.seed)
     return out

@@ -257,7 +257,7 @@ def filter_queries(cfg: PipelineConfig, task: RetrievalTask, spec: str, raw: lis
             r["drop"] = "engine_error"
         else:
             r["query"], reason = check_query(r["generated"], texts[index[r["doc_id"]]], min_words=q.min_words,
-                                             max_words=q.max_words)
+                                             max_words=q.max_words, doc_id=r["doc_id"])
             if reason is None and normalize_query(r["query"]) in seen:
                 reason = "duplicate"
             if reason is None:
@@ -376,7 +376,7 @@ def synthesize_queries(cfg: PipelineConfig, *, show_progress: bool = True) -> di
         gen_fp = generation_fingerprint(cfg, spec)
         fp = queries_fingerprint(cfg, spec, gen_fp)
         rec = _read_json(folder / SYNTH_MANIFEST)
-        action = decide(fp, f"queries {spec}", rec, complete=(rec or {}).get("status") == "done",
+        action = decide(fp, spec, rec, complete=(rec or {}).get("status") == "done",
                         where=str(folder)).action
         if action == "reuse":
             results[spec] = rec["result"]
