@@ -3,7 +3,8 @@ wrote for SciFact abstracts vs the merged model, scored on SciFact's real test q
 
 The product's own loop on a local Ray, ``run_pipeline`` over the task ``docs:beir:SCIFACT`` (its corpus; its train
 qrels and queries are never read; its test split is kept for scoring): queries (SmolLM2-135M-Instruct on vLLM,
-the filter cascade) -> synthesize (BM25 + dense-mined negatives) -> train (one expert, full fine-tune) -> merge
+kinds: a scientific claim (a prompt of this script: SciFact's queries are claims) and
+the built-in natural question; the filter cascade) -> synthesize (BM25 + dense-mined negatives) -> train (one expert, full fine-tune) -> merge
 search (expert + base, linear, on the synthetic dev split) -> evaluate (base, expert, merged on the 300 real test
 queries).
 
@@ -28,13 +29,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import claim, write_results  # noqa: E402
 
 GPL_SCIFACT = 0.689
+# SciFact's queries are claims: a task-specific kind next to the built-in question (Promptagator's point)
+CLAIM_PROMPT = ("Write one short scientific claim (a single sentence) that the abstract below supports or refutes, "
+                "as it could appear in a news article or a paper.\n\n{examples}Document:\n{document}\n\nClaim:")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scifact", default=os.environ.get("STM_RAY_SCIFACT", str(ROOT.parent / "shared" / "data" / "scifact")))
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench" / "corpus_only"))
-    ap.add_argument("--documents", type=int, default=600, help="abstracts that get queries (queries.max_documents)")
+    ap.add_argument("--documents", type=int, default=400, help="abstracts that get queries (queries.max_documents)")
     ap.add_argument("--per-document", type=int, default=2, help="queries written per abstract (kinds in turn)")
     ap.add_argument("--round-trip-k", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=2)
@@ -55,7 +59,9 @@ def main() -> int:
     spec = f"docs:beir:{Path(args.scifact).resolve()}"
     overrides = [f"run_dir={args.work}", f"data.tasks={json.dumps([spec])}", "model.name_or_path=minilm",
                  f"queries.max_documents={args.documents}", f"queries.per_document={args.per_document}",
-                 f"queries.round_trip_k={args.round_trip_k}", "synth.max_model_len=1024", "synth.max_num_seqs=32",
+                 f"queries.round_trip_k={args.round_trip_k}", "queries.kinds=[claim,question]",
+                 f"queries.prompts={json.dumps({'claim': CLAIM_PROMPT})}",
+                 "synth.max_model_len=1024", "synth.max_num_seqs=32",
                  "synth.prompt_max_chars=1500", "synth.synthetic_per_query=0", "synth.instruction_pool_size=0",
                  "train.lora=null", f"train.epochs={args.epochs}", f"train.learning_rate={args.lr}",
                  f"train.batch_size={args.batch}", "train.evaluate_dev=false", "search.num_samples=2",

@@ -79,7 +79,7 @@ def check_negative(text: str | None, query: str, positive: str, *, mined: str | 
 
 QUERY_LEXICAL_REASONS = ("engine_error", "empty", "refusal", "boilerplate", "too_short", "too_long",
                          "copy_of_document", "duplicate")
-_QUERY_LABEL = re.compile(r"^\s*(\*\*)?((search|keyword|natural|lay|long|new)\s+)?(query|question|request)"
+_QUERY_LABEL = re.compile(r"^\s*(\*\*)?((search|keyword|natural|lay|long|new)\s+)?(query|question|request|claim|other name)"
                           r"(\s*\d+)?\s*(\*\*)?\s*[:\-]\s*", re.I)
 
 
