@@ -457,13 +457,21 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
     return result
 
 
+def shard_blocks(rows: list[dict], table: pa.Table) -> list[pa.Table]:
+    """``table`` (one row per ``rows`` entry, in order) cut into one block per (task, shard): a shard's rows travel
+    together, so shards complete (and are written) one after another rather than all at the end."""
+    starts = [0] + [i for i in range(1, len(rows)) if (rows[i]["task"], rows[i]["shard"]) !=
+                    (rows[i - 1]["task"], rows[i - 1]["shard"])] + [len(rows)]
+    return [table.slice(a, b - a) for a, b in zip(starts, starts[1:])]
+
+
 def _read_manifest(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except ValueError:
-        log.warning("%s is not valid JSON: its shards are redone", path)
+        log.warning("%s is not valid JSON: what it describes is redone", path)
         return {"fingerprint": None}
 
 
@@ -501,12 +509,7 @@ def _mine(cfg: PipelineConfig, tasks: dict[str, RetrievalTask], specs: set[str],
         corpora[spec] = {"ids": ray.put(tasks[spec].corpus.column("_id").to_pylist()),
                          "texts": ray.put(tasks[spec].doc_texts()),
                          "embeddings": ray.put(emb) if emb is not None else None}
-    # one block per shard: a shard's rows travel together, so shards complete (and are written) one after another
-    # rather than all at the end
-    table = _rows_table(rows)
-    starts = [0] + [i for i in range(1, len(rows)) if (rows[i]["task"], rows[i]["shard"]) !=
-                    (rows[i - 1]["task"], rows[i - 1]["shard"])] + [len(rows)]
-    ds = ray.data.from_arrow([table.slice(a, b - a) for a, b in zip(starts, starts[1:])])
+    ds = ray.data.from_arrow(shard_blocks(rows, _rows_table(rows)))
     if not s.miners or s.negatives_per_miner == 0:
         return ds.map_batches(MineBatch.output, batch_format="pyarrow", num_cpus=0.25)
     t0 = time.perf_counter()

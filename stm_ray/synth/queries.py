@@ -46,8 +46,9 @@ from stm_ray.config import PipelineConfig
 from stm_ray.data import DataError, RetrievalTask
 from stm_ray.data.docs import SYNTH_MANIFEST, load_docs, synthetic_folder
 from stm_ray.data.task import stable_fraction
-from stm_ray.stage import Fingerprint, decide, fingerprint
+from stm_ray.stage import Fingerprint, combine, decide, fingerprint
 from stm_ray.synth.checks import QUERY_LEXICAL_REASONS, check_query, normalize_query
+from stm_ray.synth.pipeline import _read_manifest
 from stm_ray.synth.prompts import QUERY_PROMPTS
 
 log = logging.getLogger(__name__)
@@ -133,16 +134,6 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        log.warning("%s is not valid JSON: redone", path)
-        return {"fingerprint": None}
-
-
 class _RawWriter:
     """Collects streamed generations per (task, shard); writes a raw shard once all its rows are in."""
 
@@ -173,7 +164,7 @@ def _generate(cfg: PipelineConfig, pending: list[dict], folders: dict[str, Path]
     from tqdm.auto import tqdm
 
     from stm_ray.synth.autoscale import ActorPoolSampler
-    from stm_ray.synth.pipeline import _rows_table, build_generator
+    from stm_ray.synth.pipeline import _rows_table, build_generator, shard_blocks
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -181,11 +172,7 @@ def _generate(cfg: PipelineConfig, pending: list[dict], folders: dict[str, Path]
     expected = Counter((r["task"], r["shard"]) for r in pending)
     writer = _RawWriter(folders, dict(expected))
     generator = build_generator(cfg, query_max_tokens=cfg.queries.max_new_tokens)
-    table = _rows_table(pending, mined=True)
-    # one block per raw shard: shards complete (and are written) one after another
-    starts = [0] + [i for i in range(1, len(pending)) if (pending[i]["task"], pending[i]["shard"]) !=
-                    (pending[i - 1]["task"], pending[i - 1]["shard"])] + [len(pending)]
-    ds = generator(ray.data.from_arrow([table.slice(a, b - a) for a, b in zip(starts, starts[1:])]))
+    ds = generator(ray.data.from_arrow(shard_blocks(pending, _rows_table(pending, mined=True))))
     bar = tqdm(total=len(pending), desc="queries", unit="query", disable=not show_progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     done, next_log = 0, 0.1
@@ -367,6 +354,7 @@ def synthesize_queries(cfg: PipelineConfig, *, show_progress: bool = True) -> di
     q = cfg.queries
     run_dir = Path(cfg.run_dir)
     results: dict[str, Any] = {}
+    fps: dict[str, str] = {}
     todo: dict[str, tuple[RetrievalTask, list[dict], Fingerprint, Fingerprint]] = {}
     pending: list[dict] = []
     folders: dict[str, Path] = {}
@@ -375,13 +363,14 @@ def synthesize_queries(cfg: PipelineConfig, *, show_progress: bool = True) -> di
         folders[spec] = folder
         gen_fp = generation_fingerprint(cfg, spec)
         fp = queries_fingerprint(cfg, spec, gen_fp)
-        rec = _read_json(folder / SYNTH_MANIFEST)
+        rec = _read_manifest(folder / SYNTH_MANIFEST)
         action = decide(fp, spec, rec, complete=(rec or {}).get("status") == "done",
                         where=str(folder)).action
+        fps[spec] = fp.value
         if action == "reuse":
             results[spec] = rec["result"]
             continue
-        raw_rec = _read_json(folder / RAW_MANIFEST)
+        raw_rec = _read_manifest(folder / RAW_MANIFEST)
         if raw_rec is not None and raw_rec.get("fingerprint") != gen_fp.value:
             log.info("%s: the raw generations were made under another fingerprint: generating again", spec)
             shutil.rmtree(folder / "raw", ignore_errors=True)
@@ -400,7 +389,7 @@ def synthesize_queries(cfg: PipelineConfig, *, show_progress: bool = True) -> di
                  len({r["shard"] for r in rows}), len(done))
     if not todo:
         return {"tasks": results, "seconds": round(time.perf_counter() - t0, 2),
-                "fingerprint": _combined(results)}
+                "fingerprint": combine([fps[t] for t in sorted(fps)])}
     init_local_ray()
     tokens, gen_seconds, shards = (_generate(cfg, pending, folders, show_progress) if pending
                                    else (Counter(), 0.0, 0))
@@ -444,11 +433,7 @@ def synthesize_queries(cfg: PipelineConfig, *, show_progress: bool = True) -> di
         results[spec] = result
         log.info("queries %s: kept %d of %d (%.0f%%); dropped %s; splits %s (test: %s)", spec, len(kept), len(raw),
                  100 * len(kept) / len(raw), {k: v for k, v in drops.items() if v}, counts, result["test"])
-    return {"tasks": results, "seconds": round(time.perf_counter() - t0, 2), "fingerprint": _combined(results)}
-
-
-def _combined(results: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(sorted(results), default=str).encode()).hexdigest()[:16] if results else ""
+    return {"tasks": results, "seconds": round(time.perf_counter() - t0, 2), "fingerprint": combine([fps[t] for t in sorted(fps)])}
 
 
 def summary_table(counts: dict[str, Any]) -> str:
