@@ -69,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the Synthesize-Train-Merge loop over one run directory: with docs: tasks, "
                                    "write and filter synthetic queries for them first (stage 'queries', see stm-ray "
                                    "queries --help) -> synthesize (Ray Data + "
-                                   "vLLM) -> train one LoRA expert per source (Ray Train) -> instruction search and "
+                                   "vLLM) -> with teacher.kind set, teacher scores for every row (stage 'teacher', "
+                                   "see stm-ray teacher --help; train.distill learns them) -> train one LoRA expert "
+                                   "per source (Ray Train) -> instruction search and "
                                    "merge search (Ray Tune + mergekit) -> evaluate base, every expert and the merged "
                                    "model on the test split -> with rerank.rerankers set, train those rerankers "
-                                   "(stage 'rerankers', after train) and rerank the merged model's top rerank.top_k "
+                                   "(stage 'rerankers', after synthesize) and rerank the merged model's top rerank.top_k "
                                    "on the test split (stage 'rerank', last) -> optionally serve (--serve). Every "
                                    "output carries the "
                                    "fingerprint of what produced it (the config fields that change it and its inputs' "
@@ -154,6 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     _add_overrides(p)
 
+    p = sub.add_parser("teacher", help="score every shard row's candidates with a teacher (reranker or LLM "
+                                       "feedback) for train.distill",
+                       description="Teacher scores for distillation (LLM-Embedder, GPL): for every row of the "
+                                   "synthesized shards (train.shards, default <run_dir>/synth), a score for the "
+                                   "positive and each hard negative. teacher.kind=reranker: a reranker folder "
+                                   "(teacher.reranker: a path, or the name of one of rerank.rerankers, trained by the "
+                                   "rerankers stage) in Ray Data actors; the score is its logit. teacher.kind=llm: "
+                                   "LLM feedback, the generator's (teacher.generator, default synth.generator) mean "
+                                   "log-probability of the query given the candidate (teacher.template), from vLLM's "
+                                   "prompt log-probabilities through ray.data.llm. Writes <run_dir>/teacher/ (the "
+                                   "shards with positive_score / negative_scores columns; the train stage reads them "
+                                   "when teacher.kind is set, and train.distill uses them). Resumable per shard; a "
+                                   "changed teacher or source redoes it. Runs in stm-ray run between synthesize and "
+                                   "train when teacher.kind is set.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    _add_overrides(p)
+
     p = sub.add_parser("train", help="train one LoRA expert per data source (Ray Train), in parallel",
                        description="Contrastive training (InfoNCE over in-batch and hard negatives, same-task batches) "
                                    "of one expert per 'expert' tag in the synthesized shards (train.shards, default "
@@ -167,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fingerprint changed. Joins the cluster in RAY_ADDRESS, else starts a local Ray on 127.0.0.1.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
-    p.add_argument("--shards", default=None, help="shard folder or parquet file (default: train.shards or <run_dir>/synth)")
+    p.add_argument("--shards", default=None, help="shard folder or parquet file (default: <run_dir>/teacher with teacher.kind, else "
+                                                "train.shards or <run_dir>/synth)")
     p.add_argument("--expert", action="append", default=None, help="train only this expert; repeat for several")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     _add_overrides(p)
@@ -190,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--kind", action="append", choices=["cross-encoder", "llm"], default=None,
                    help="train this preset (adds it to rerank.rerankers when missing); repeat for both")
-    p.add_argument("--shards", default=None, help="shard folder or parquet file (default: train.shards or <run_dir>/synth)")
+    p.add_argument("--shards", default=None, help="shard folder or parquet file (default: <run_dir>/teacher with teacher.kind, else "
+                                                "train.shards or <run_dir>/synth)")
     p.add_argument("--only", action="append", default=None, metavar="NAME", help="train only this reranker")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     _add_overrides(p)
@@ -397,6 +420,20 @@ def cmd_queries(args) -> int:
     counts = synthesize_queries(cfg, show_progress=not args.no_progress)
     print("\n" + summary_table(counts))
     print(f"\nsynthetic tasks in {Path(cfg.run_dir) / 'queries'} ({counts['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_teacher(args) -> int:
+    from stm_ray.config import load_config
+    from stm_ray.synth.teacher import teacher_scores
+
+    _split_config_arg(args)
+    cfg = load_config(args.config, args.overrides)
+    _require_local_run_dir(cfg, args.command)
+    c = teacher_scores(cfg, show_progress=not args.no_progress)
+    print(f"\nteacher {c['kind']}: {c['rows_scored']} of {c['rows']} rows scored ({c['pairs']} pairs, "
+          f"{c['pairs_failed']} failed, {c['pairs_per_s'] or '-'} pairs/s) -> {Path(cfg.run_dir) / 'teacher'} "
+          f"({c['seconds']:.0f} s)")
     return 0
 
 
@@ -622,7 +659,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "config": cmd_config, "data": cmd_data, "evaluate": cmd_evaluate, "demo": cmd_demo, "report": cmd_report, "train": cmd_train,
-            "synthesize": cmd_synthesize, "queries": cmd_queries, "train-reranker": cmd_train_reranker, "tune-prompts": cmd_tune_prompts, "merge": cmd_merge, "run": cmd_run}
+            "synthesize": cmd_synthesize, "queries": cmd_queries, "teacher": cmd_teacher, "train-reranker": cmd_train_reranker, "tune-prompts": cmd_tune_prompts, "merge": cmd_merge, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

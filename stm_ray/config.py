@@ -248,6 +248,30 @@ class QueriesConfig(_Frozen):
         return self
 
 
+class DistillConfig(_Frozen):
+    """Distillation of teacher scores (the ``teacher`` stage's columns) next to InfoNCE.
+
+    For each query the student scores its own group, the positive and its hard negatives, as cosine / ``train.temperature``;
+    the teacher's scores (a reranker's logits, or the LLM's mean log-probability of the query given the document)
+    are divided by ``teacher_temperature``. Losses:
+
+    * ``kl``: KL(softmax(teacher) || softmax(student)) over the group (FlagEmbedding, Tevatron, GPL's listwise form);
+    * ``stabilized``: LLM-Embedder's stabilized distillation: the group is ranked by the teacher (positive first),
+      and for every candidate a cross-entropy over the whole batch (in-batch negatives included) with the candidates
+      ranked above it masked out, weighted by the teacher's softmax probability of that candidate;
+    * ``margin_mse``: MarginMSE (Hofstaetter et al. 2020): mean squared error between the student's and the
+      teacher's (positive - negative) margins.
+
+    Total loss = InfoNCE + ``weight`` x distillation. Rows without teacher scores (shards written before the
+    ``teacher`` stage existed) train on InfoNCE alone.
+    """
+
+    loss: Literal["kl", "stabilized", "margin_mse"] = Field("kl", description="'kl', 'stabilized' (LLM-Embedder) or 'margin_mse'.")
+    weight: float = Field(1.0, ge=0.0, description="Weight of the distillation loss next to InfoNCE (weight 1).")
+    teacher_temperature: float = Field(1.0, gt=0.0, description="Teacher scores are divided by this before the "
+                                                                "softmax (kl, stabilized) or the margins (margin_mse).")
+
+
 class TrainConfig(_Frozen):
     """Contrastive training of one LoRA expert per data source: Ray Train (DDP or DeepSpeed), experts in parallel.
 
@@ -305,6 +329,8 @@ class TrainConfig(_Frozen):
     evaluate_dev: bool = Field(True, description="Score each expert on its tasks' dev split (NDCG@10) after training.", json_schema_extra=RUNTIME)
     log_every: int = Field(10, ge=1, description="Log a line every N steps.", json_schema_extra=RUNTIME)
     seed: int = Field(13, description="Training seed (LoRA init, batch plan, negative and instruction sampling).")
+    distill: DistillConfig | None = Field(None, description="Distill the teacher stage's scores next to InfoNCE "
+                                                            "(needs teacher.kind); null = InfoNCE only.")
 
     @field_validator("matryoshka_dims")
     @classmethod
@@ -509,6 +535,36 @@ class RerankConfig(_Frozen):
         return self
 
 
+class TeacherConfig(_Frozen):
+    """The ``teacher`` stage: a score for every (query, candidate) of the synthesized shards, for ``train.distill``.
+
+    ``kind: reranker`` scores each row's positive and negatives with a reranker (its logit: sigmoid of it is the
+    reranker's score). ``kind: llm`` is LLM-Embedder's LLM feedback: the generator's mean log-probability of the
+    row's query given the candidate (the prompt ``template`` with the document, the query as the answer), computed
+    from vLLM's prompt log-probabilities on the engines Synthesize runs. Written to ``<run_dir>/teacher`` as shards
+    with the columns ``positive_score`` and ``negative_scores``; the train stage reads them when a teacher is set.
+    """
+
+    kind: Literal["reranker", "llm"] | None = Field(None, description="'reranker', 'llm' (LLM feedback), or null "
+                                                                      "(no teacher stage).")
+    reranker: str | None = Field(None, description="kind=reranker: a reranker folder, or the name of one of "
+                                                   "rerank.rerankers (the run's own, trained by the rerankers stage).",
+                                 json_schema_extra=INPUT)
+    generator: str | None = Field(None, description="kind=llm: the LLM (alias, folder or hub id); None = synth.generator.")
+    template: str = Field("Write a search query that the following document answers.\n\nDocument: {document}",
+                          description="kind=llm: the user message ({document}); the query is the model's answer.")
+    max_document_chars: int = Field(2000, ge=50, description="Candidates are cut to this many characters.")
+    batch_size: int = Field(32, ge=1, description="Rows per Ray Data batch.", json_schema_extra=RUNTIME)
+
+    @model_validator(mode="after")
+    def _checks(self) -> TeacherConfig:
+        if self.kind == "reranker" and not self.reranker:
+            raise ValueError("teacher.kind=reranker needs teacher.reranker (a folder, or a name in rerank.rerankers)")
+        if "{document}" not in self.template:
+            raise ValueError("teacher.template must contain {document}")
+        return self
+
+
 class ServeConfig(_Frozen):
     """Ray Serve deployment of a retriever: HTTP bind, security bounds, batching, replicas and the /search index."""
 
@@ -573,6 +629,7 @@ class PipelineConfig(_Frozen):
     merge: MergeConfig = Field(default_factory=MergeConfig, description="Merge.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     rerank: RerankConfig = Field(default_factory=RerankConfig, description="Rerankers and the rerank stage.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher scores for distillation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
 
     @field_validator("run_dir")
@@ -589,6 +646,11 @@ class PipelineConfig(_Frozen):
         d = self.data
         if d.dev_split == d.test_split:
             raise ValueError("data.dev_split and data.test_split must differ (searching on test leaks)")
+        if self.train.distill is not None and self.teacher.kind is None and not self.train.shards:
+            raise ValueError("train.distill needs teacher scores: set teacher.kind (reranker or llm), or "
+                             "train.shards to shards that have them")
+        if self.teacher.kind == "llm" and self.synth.engine != "vllm":
+            raise ValueError("teacher.kind=llm reads prompt log-probabilities from vLLM: it needs synth.engine=vllm")
         return self
 
     def to_yaml(self) -> str:

@@ -39,7 +39,7 @@ from stm_ray.stage import forcing, recording, summarize
 
 log = logging.getLogger(__name__)
 
-STAGES = ("queries", "synthesize", "train", "rerankers", "instructions", "merge", "evaluate", "rerank")
+STAGES = ("queries", "synthesize", "rerankers", "teacher", "train", "instructions", "merge", "evaluate", "rerank")
 RERANK_STAGES = ("rerankers", "rerank")  # run only when rerank.rerankers names some
 ALL_STAGES = (*STAGES, "serve")
 MANIFEST = "manifest.json"
@@ -111,6 +111,12 @@ def _synthesize(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
     return synthesize(cfg, show_progress=show_progress).to_dict()
 
 
+def _teacher(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
+    from stm_ray.synth.teacher import teacher_scores
+
+    return teacher_scores(cfg, show_progress=show_progress)
+
+
 def _train(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
     from stm_ray.stage import combine
     from stm_ray.train import train_experts
@@ -176,7 +182,7 @@ def _evaluate(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[PipelineConfig, bool], dict[str, Any]]] = {
-    "queries": _queries, "synthesize": _synthesize, "train": _train, "instructions": _instructions, "merge": _merge,
+    "queries": _queries, "synthesize": _synthesize, "teacher": _teacher, "train": _train, "instructions": _instructions, "merge": _merge,
     "evaluate": _evaluate, "rerankers": _rerankers, "rerank": _rerank,
 }
 
@@ -199,6 +205,11 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
         if asked:
             raise ConfigError(f"stage(s) {asked} need rerank.rerankers, e.g. rerank.rerankers=[cross-encoder,llm]")
         chosen = [s for s in chosen if s not in RERANK_STAGES]
+    if cfg.teacher.kind is None:
+        if stages and "teacher" in stages:
+            raise ConfigError("stage 'teacher' needs teacher.kind, e.g. teacher.kind=reranker "
+                              "teacher.reranker=cross-encoder (with rerank.rerankers=[cross-encoder]) or teacher.kind=llm")
+        chosen = [s for s in chosen if s != "teacher"]
     if not any(t.startswith("docs:") for t in cfg.data.tasks):
         if stages and "queries" in stages:
             raise ConfigError("stage 'queries' writes queries for docs: tasks, and data.tasks has none (e.g. "

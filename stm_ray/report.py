@@ -259,6 +259,24 @@ def query_synthesis_section(run_dir: Path, stages: dict[str, Any]) -> list[str]:
     return md
 
 
+def teacher_section(stages: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """The teacher stage's section: which teacher, how many rows it scored, how fast; the distillation setting."""
+    c = (stages.get("teacher") or {}).get("counts") or {}
+    if not c:
+        return []
+    t = cfg.get("teacher") or {}
+    what = (f"reranker `{t.get('reranker')}` (its logit per candidate)" if c.get("kind") == "reranker" else
+            f"LLM feedback: `{t.get('generator') or (cfg.get('synth') or {}).get('generator')}`'s mean log-probability "
+            "of the query given each candidate (vLLM prompt log-probabilities)")
+    d = (cfg.get("train") or {}).get("distill")
+    return ["## Teacher scores", "",
+            f"Teacher: {what}. {c.get('rows_scored')} of {c.get('rows')} rows scored ({c.get('pairs')} (query, "
+            f"candidate) pairs, {c.get('pairs_failed')} failed, {c.get('pairs_per_s') or '-'} pairs/s) from "
+            f"`{c.get('source')}`. " + (f"Experts distil them: `{d.get('loss')}`, weight {d.get('weight')}, teacher "
+                                       f"temperature {d.get('teacher_temperature')}." if d else
+                                       "train.distill is off: the experts train on InfoNCE alone."), ""]
+
+
 def summary_rows(tasks: list[str], table: dict[str, dict[str, float]],
                  run_dir: Path | None = None) -> tuple[list[str], list[list[Any]]]:
     """The headline table: one row per task (area) and the mean; one column per model."""
@@ -320,6 +338,7 @@ def write_report(run_dir: str | Path) -> Path:
                "Results in mteb format: `eval/rerank-<name>/<task>.json` (with the retriever's own scores).", ""]
 
     md += query_synthesis_section(run_dir, stages)
+    md += teacher_section(stages, cfg)
     docs = [t for t in (cfg.get("data") or {}).get("tasks", []) if t.startswith("docs:")]
     synthetic_dev = (f" Dev sets of {', '.join(f'`{t}`' for t in docs)} are synthetic queries." if docs else "")
 

@@ -42,6 +42,7 @@ READS: dict[str, tuple[str, ...]] = {
                           "synth.generator", "synth.engine", "synth.temperature", "synth.top_p",
                           "synth.prompt_max_chars", "synth.seed"),
     "queries": ("queries", "model"),
+    "teacher": ("teacher", "synth.generator", "synth.max_model_len"),
     "train": ("model", "train"),
     "instructions": ("data.tasks", "data.dev_split", "model", "search.instructions", "search.use_synth_pool",
                      "search.num_samples", "search.searcher", "search.dev_max_queries", "search.dev_corpus_size",

@@ -12,7 +12,7 @@ from stm_ray.cli import build_parser, main
 
 def test_help_lists_commands_and_explains_overrides():
     text = build_parser().format_help()
-    for cmd in ("demo", "run", "report", "evaluate", "queries", "synthesize", "train", "tune-prompts", "merge", "serve",
+    for cmd in ("demo", "run", "report", "evaluate", "queries", "synthesize", "teacher", "train", "tune-prompts", "merge", "serve",
                 "config", "data"):
         assert cmd in text
     assert "key=value" in text and "beir:DIR" in text and "docs:SOURCE" in text and "minilm" in text

@@ -178,7 +178,8 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, two_tasks, tiny_bert_dir, tm
     # artifacts
     manifest = json.loads((run / "manifest.json").read_text())
     assert {n: s["status"] for n, s in manifest["stages"].items()} == {
-        "queries": "skipped", "synthesize": "done", "train": "done", "rerankers": "skipped", "instructions": "done",
+        "queries": "skipped", "synthesize": "done", "train": "done", "rerankers": "skipped", "teacher": "skipped",
+        "instructions": "done",
         "merge": "done",
         "evaluate": "done", "rerank": "skipped", "serve": "pending"}
     assert manifest["versions"]["ray"] and manifest["config"]["run_dir"] == str(run)

@@ -110,8 +110,9 @@ class Reranker(nn.Module):
 
     @torch.inference_mode()
     def score_pairs(self, queries: Sequence[str], documents: Sequence[str], *, batch_size: int | None = None,
-                    show_progress: bool = False) -> np.ndarray:
-        """Scores in [0, 1] for each (query, document) pair; longer pairs are batched together."""
+                    show_progress: bool = False, logits: bool = False) -> np.ndarray:
+        """Scores in [0, 1] for each (query, document) pair (``logits``: the logits they are the sigmoid of);
+        longer pairs are batched together."""
         if len(queries) != len(documents):
             raise ValueError(f"{len(queries)} queries vs {len(documents)} documents")
         n = len(queries)
@@ -130,7 +131,8 @@ class Reranker(nn.Module):
                 idx = order[s:s + bs]
                 f = {k: v.to(self.device) for k, v in self.tokenize([queries[i] for i in idx],
                                                                     [documents[i] for i in idx]).items()}
-                out[idx] = torch.sigmoid(self.logits(f).float()).cpu().numpy()
+                raw = self.logits(f).float()
+                out[idx] = (raw if logits else torch.sigmoid(raw)).cpu().numpy()
         finally:
             self.train(was)
         return out

@@ -243,7 +243,9 @@ def search_pool_size(cfg, *, shards: str | None = None, show_progress: bool = Tr
     tasks = load_tasks(cfg)
     candidates = [c for c in candidate_instructions(cfg, tasks) if c]
     sizes = sorted({min(n, len(candidates)) for n in s.pool_sizes})
-    source = shards or cfg.train.shards or str(run_dir / "synth")
+    from stm_ray.train.experts import training_shards
+
+    source = shards or str(training_shards(cfg))
     shards_fp = hashlib.sha256(b"".join(f.read_bytes() for f in shard_files(source))).hexdigest()[:16]
     fp = fingerprint("instruction-pools", cfg, {"candidates": candidates, "sizes": sizes, "shards": shards_fp,
                                                 "base": model_fingerprint(cfg.model.name_or_path)})

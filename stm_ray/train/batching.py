@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,17 +72,35 @@ class TrainRows:
     negatives: list[list[str]]
     instructions: list[str]
     tasks: list[str]
+    positive_scores: list[float | None] | None = None
+    negative_scores: list[list[float] | None] | None = None
 
     @classmethod
-    def from_table(cls, table, negative_sources: list[str] | None = None) -> TrainRows:
+    def from_table(cls, table, negative_sources: list[str] | None = None, scores: bool = False) -> TrainRows:
+        """The rows of a shard table; ``scores``: keep the teacher columns (rows without them get None)."""
+        n = table.num_rows
         negs = table.column("negatives").to_pylist()
+        pos_s = table.column("positive_score").to_pylist() if scores and "positive_score" in table.column_names else None
+        neg_s = table.column("negative_scores").to_pylist() if pos_s is not None else None
         if negative_sources is not None:
             allowed = set(negative_sources)
             srcs = table.column("negative_sources").to_pylist()
-            negs = [[n for n, s in zip(ns, ss) if s in allowed] for ns, ss in zip(negs, srcs)]
+            keep = [[s in allowed for s in ss] for ss in srcs]
+            negs = [[x for x, k in zip(ns or [], ks) if k] for ns, ks in zip(negs, keep)]
+            if neg_s is not None:
+                neg_s = [None if sc is None else [x for x, k in zip(sc, ks) if k] for sc, ks in zip(neg_s, keep)]
         return cls(queries=table.column("query").to_pylist(), positives=table.column("positive").to_pylist(),
-                   negatives=[list(n or []) for n in negs], instructions=table.column("instruction").to_pylist(),
-                   tasks=table.column("task").to_pylist())
+                   negatives=[list(x or []) for x in negs], instructions=table.column("instruction").to_pylist(),
+                   tasks=table.column("task").to_pylist(),
+                   positive_scores=pos_s, negative_scores=neg_s if neg_s is not None else (None if pos_s is None
+                                                                                           else [None] * n))
+
+    @property
+    def scored(self) -> int:
+        """Rows with teacher scores (the positive's and every negative's)."""
+        if self.positive_scores is None:
+            return 0
+        return sum(p is not None and s is not None for p, s in zip(self.positive_scores, self.negative_scores))
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -96,6 +115,7 @@ class WorkerBatch:
     doc_valid: torch.Tensor
     doc_keys: torch.Tensor
     n_neg: int
+    teacher: torch.Tensor | None = None  # [B, 1 + n_neg]: the group's teacher scores (positive first), NaN = none
 
 
 def build_batch(rows: TrainRows, idx: np.ndarray, *, n_neg: int, instruction_mode: str, fixed_instruction: str,
@@ -107,8 +127,10 @@ def build_batch(rows: TrainRows, idx: np.ndarray, *, n_neg: int, instruction_mod
     Instructions: ``fixed`` prefixes every query with ``fixed_instruction``; ``row`` with the row's own
     instruction column; ``pool`` with one instruction sampled per query from ``pool`` (STM's generic prompts).
     Sentences become ``Instruct: ...\\nQuery: `` prefixes (:func:`instruction_prefix`).
+    Teacher scores (rows that have them) follow their candidates into ``teacher``; a row without them gets NaN.
     """
-    queries, positives, neg_slots = [], [], []
+    scored = rows.positive_scores is not None
+    queries, positives, neg_slots, teacher = [], [], [], []
     for i in idx:
         i = int(i)
         rng = np.random.default_rng([seed, step, i])
@@ -121,10 +143,18 @@ def build_batch(rows: TrainRows, idx: np.ndarray, *, n_neg: int, instruction_mod
         queries.append(instr + rows.queries[i])
         positives.append(rows.positives[i])
         negs = rows.negatives[i]
-        pick = [negs[j] for j in rng.permutation(len(negs))[:n_neg]] if negs else []
+        order = rng.permutation(len(negs))[:n_neg] if negs else []
+        pick = [negs[j] for j in order]
         neg_slots.append(pick + [None] * (n_neg - len(pick)))
+        if scored:
+            p, ns = rows.positive_scores[i], rows.negative_scores[i]
+            if p is None or ns is None:
+                teacher.append([math.nan] * (1 + n_neg))
+            else:
+                teacher.append([p] + [ns[j] for j in order] + [math.nan] * (n_neg - len(pick)))
     flat = positives + [n for slots in neg_slots for n in slots]
     valid = torch.tensor([t is not None for t in flat], dtype=torch.bool)
     keys = torch.tensor([text_key(t) if t is not None else 0 for t in flat], dtype=torch.int64)
     return WorkerBatch(queries=queries, docs=[t for t in flat if t is not None], doc_valid=valid, doc_keys=keys,
-                       n_neg=n_neg)
+                       n_neg=n_neg, teacher=torch.tensor(teacher, dtype=torch.float32).reshape(len(idx), 1 + n_neg)
+                       if scored else None)

@@ -97,12 +97,22 @@ def planned_steps(rows: TrainRows, tcfg) -> tuple[int, int]:
 
 
 def rows_fingerprint(rows: TrainRows) -> str:
-    """An expert's training rows, by content (queries, positives, tasks, negatives)."""
+    """An expert's training rows, by content (queries, positives, tasks, negatives; teacher scores when kept)."""
     h = hashlib.sha256()
     for col in (rows.queries, rows.positives, rows.tasks):
         h.update("\x1f".join(col).encode())
     h.update(json.dumps(rows.negatives).encode())
+    if rows.positive_scores is not None:
+        h.update(json.dumps([rows.positive_scores, rows.negative_scores]).encode())
     return h.hexdigest()[:16]
+
+
+def training_shards(cfg) -> Path:
+    """Where the train stage reads: the teacher stage's shards when a teacher is set (it scored ``train.shards`` or
+    Synthesize's), else ``train.shards``, else Synthesize's."""
+    if cfg.teacher.kind:
+        return Path(cfg.run_dir) / "teacher"
+    return Path(cfg.train.shards) if cfg.train.shards else Path(cfg.run_dir) / "synth"
 
 
 def expert_fingerprint(cfg, rows: TrainRows, pool: list[str]) -> Fingerprint:
@@ -189,7 +199,7 @@ def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = No
     pool = pool or []
     run_dir = Path(cfg.run_dir).resolve()
     out = run_dir / "experts" / name
-    rows = TrainRows.from_table(table, tcfg.negative_sources)
+    rows = TrainRows.from_table(table, tcfg.negative_sources, scores=tcfg.distill is not None)
     if len(rows) == 0:
         raise DataError(f"expert {name}: no training rows")
     fp, decision, prev = decided or decide_expert(cfg, name, rows, pool)
@@ -323,7 +333,7 @@ def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = No
     import ray
 
     tcfg = cfg.train
-    source = shards or tcfg.shards or str(Path(cfg.run_dir) / "synth")
+    source = shards or str(training_shards(cfg))
     report = DataReport()
     table = read_shards(source, strict=cfg.data.strict, report=report)
     groups = expert_groups(table, tcfg.experts)
@@ -338,9 +348,14 @@ def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = No
              ", ".join(f"{n} ({t.num_rows})" for n, t in groups.items()))
     decided = {}
     for n, t in groups.items():
-        rows = TrainRows.from_table(t, tcfg.negative_sources)
+        rows = TrainRows.from_table(t, tcfg.negative_sources, scores=tcfg.distill is not None)
         if len(rows) == 0:
             raise DataError(f"expert {n}: no training rows")
+        if tcfg.distill is not None:
+            log.info("expert %s: %d of %d rows have teacher scores (train.distill %s; the others: InfoNCE only)",
+                     n, rows.scored, len(rows), tcfg.distill.loss)
+            if rows.scored == 0:
+                log.warning("expert %s: train.distill is set and no row has teacher scores", n)
         decided[n] = decide_expert(cfg, n, rows, pool)
     todo = [n for n, (_, d, _) in decided.items() if d.action != "reuse"]
     results_by_name = {n: ExpertResult(**{**prev["result"], "skipped": True})

@@ -264,7 +264,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 d = d_rows.new_zeros((len(valid), d_rows.shape[-1])).index_put((valid.nonzero().squeeze(1),), d_rows)
                 return contrastive_step_loss(q, d, n_neg=wb.n_neg, doc_valid=valid, doc_keys=wb.doc_keys.to(device),
                                              temperature=tcfg.temperature, gather=tcfg.gather_across_workers,
-                                             dims=dims)
+                                             dims=dims, teacher=wb.teacher, distill=tcfg.distill)
 
             if engine is None:
                 opt.zero_grad(set_to_none=True)
