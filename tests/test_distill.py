@@ -199,9 +199,10 @@ def test_reranker_teacher_and_distilled_training_on_ray(tmp_path, ray_local, tin
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", *base, "teacher.kind=reranker",
                              f"teacher.reranker={tmp_path / 'ce'}", "teacher.batch_size=8",
                              "train.distill.loss=kl", "train.distill.weight=2.0"])
-    m = run_pipeline(cfg, stages=["teacher", "train"], show_progress=False)
+    m = run_pipeline(cfg, stages=["teacher", "train", "evaluate"], show_progress=False)
     st = m["stages"]
     assert st["teacher"]["status"] == "done" and st["train"]["status"] == "done"
+    assert set(st["evaluate"]["counts"]["ndcg_at_10"]) == {"base", "expert-alpha"}
     c = st["teacher"]["counts"]
     n = read_shards(shards).num_rows
     assert c["rows"] == c["rows_scored"] == n and c["pairs"] == 3 * n and c["pairs_failed"] == 0
