@@ -62,6 +62,16 @@ def write_results(script: str, figures: dict[str, Any], claims: list[dict[str, A
     return out
 
 
+def finish(script: str, figures: dict[str, Any], claims: list[dict[str, Any]]) -> int:
+    """The end of a benchmark: write its results JSON, print the claims table and where it went; exit code 0."""
+    from stm_ray.tables import format_table
+
+    out = write_results(script, figures, claims)
+    print(format_table(claims, ["name", "value", "goal", "met"]))
+    print(f"\nwrote {out}")
+    return 0
+
+
 def bm25_shards(out: Path, spec: str, split, *, expert: str, max_rows: int | None = None, seed: int = 13) -> Path:
     """Training shards (the Synthesize schema) from a split's (query, relevant document) pairs with one BM25-mined
     hard negative each (NV-Retriever filter at 0.95 of the positive's score); ``max_rows`` keeps a deterministic

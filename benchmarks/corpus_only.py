@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import claim, write_results  # noqa: E402
+from _common import claim, finish  # noqa: E402
 
 GPL_SCIFACT = 0.689
 # SciFact's queries are claims: a task-specific kind next to the built-in question (Promptagator's point)
@@ -111,10 +111,7 @@ def main() -> int:
                "stage_seconds": {n: s.get("seconds") for n, s in st.items() if s.get("seconds") is not None},
                "settings": vars(args) | {"work": "runs/bench/corpus_only", "scifact": "../shared/data/scifact"},
                "wall_s": time.perf_counter() - t0}
-    out = write_results(__file__, figures, claims)
-    print(format_table(claims, ["name", "value", "goal", "met"]))
-    print(f"\nwrote {out}")
-    return 0
+    return finish(__file__, figures, claims)
 
 
 if __name__ == "__main__":

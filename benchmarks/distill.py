@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import claim, write_results  # noqa: E402
+from _common import claim, finish  # noqa: E402
 
 VARIANTS = ("infonce", "reranker", "llm")
 
@@ -153,10 +153,7 @@ def main() -> int:
                "settings": vars(args) | {"work": "runs/bench/distill", "teacher": "rerank.py's cross-encoder"
                                          if args.teacher == ap.get_default("teacher") else args.teacher},
                "wall_s": round(time.perf_counter() - t0, 1)}
-    out = write_results(__file__, figures, claims)
-    print(format_table(claims, ["name", "value", "goal", "met"]))
-    print(f"\nwrote {out}")
-    return 0
+    return finish(__file__, figures, claims)
 
 
 if __name__ == "__main__":

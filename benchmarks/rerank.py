@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import claim, write_results  # noqa: E402
+from _common import claim, finish  # noqa: E402
 
 
 def main() -> int:
@@ -130,10 +130,7 @@ def main() -> int:
                "synthesis": {k: v for k, v in (st["synthesize"].get("counts") or {}).items()
                              if k in ("rows", "negatives", "synthetic", "rejected", "seconds")},
                "settings": vars(args) | {"work": "runs/bench/rerank"}, "wall_s": time.perf_counter() - t0}
-    out = write_results(__file__, figures, claims)
-    print(format_table(claims, ["name", "value", "goal", "met"]))
-    print(f"\nwrote {out}")
-    return 0
+    return finish(__file__, figures, claims)
 
 
 if __name__ == "__main__":

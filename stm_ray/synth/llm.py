@@ -71,14 +71,17 @@ def vllm_engine_kwargs(cfg: SynthConfig, use_gpu: bool, model_dir: str, *, check
     return kw
 
 
-def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool, check_memory: bool = True,
-                         query_max_tokens: int = 64):
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+def vllm_processor_config(cfg: SynthConfig, model_source: str, *, use_gpu: bool, check_memory: bool = True,
+                          **stages: Any):
+    """The ``vLLMEngineProcessorConfig`` every vLLM stage of stm-ray uses (generation, LLM feedback): the engine
+    arguments of :func:`vllm_engine_kwargs`, a CPU placement bundle without a GPU, tokenization inside the engine;
+    ``stages``: the chat-template stage's setting (and any other processor field)."""
+    from ray.data.llm import vLLMEngineProcessorConfig
 
     extra: dict[str, Any] = {}
     if not use_gpu:
         extra["placement_group_config"] = {"bundles": [{"CPU": 1}], "strategy": "PACK"}
-    config = vLLMEngineProcessorConfig(
+    return vLLMEngineProcessorConfig(
         model_source=model_source,
         engine_kwargs=vllm_engine_kwargs(cfg, use_gpu, model_source, check=check_memory),
         batch_size=cfg.batch_size,
@@ -86,12 +89,19 @@ def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool, 
         max_concurrent_batches=cfg.max_concurrent_batches,
         should_continue_on_error=True,
         log_engine_metrics=False,
-        chat_template_stage={"num_cpus": LIGHT_CPU, "batch_size": cfg.batch_size},
         # vLLM tokenizes and detokenizes inside the engine: two fewer actor pools (and processes) per node
         tokenize_stage=False,
         detokenize_stage=False,
-        **extra,
+        **extra, **stages,
     )
+
+
+def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool, check_memory: bool = True,
+                         query_max_tokens: int = 64):
+    from ray.data.llm import build_processor
+
+    config = vllm_processor_config(cfg, model_source, use_gpu=use_gpu, check_memory=check_memory,
+                                   chat_template_stage={"num_cpus": LIGHT_CPU, "batch_size": cfg.batch_size})
     limit = cfg.prompt_max_chars
 
     def pre(row: dict[str, Any]) -> dict[str, Any]:

@@ -222,16 +222,21 @@ def build_generator(cfg: PipelineConfig, query_max_tokens: int = 64):
 
     if cfg.synth.engine == "openai":
         return build_http_processor(cfg.synth, query_max_tokens=query_max_tokens)
-    import ray
-
     from stm_ray.modeling.aliases import resolve_model
 
-    # the memory check reads this machine: valid when the engine actor runs here (a one-node cluster)
+    return build_vllm_processor(cfg.synth, resolve_model(cfg.synth.generator), use_gpu=_use_gpu(cfg),
+                                check_memory=single_node(), query_max_tokens=query_max_tokens)
+
+
+def single_node() -> bool:
+    """Whether the Ray cluster is this one machine: vLLM's KV-cache memory check reads this machine, so it is
+    valid only then (on a multi-node cluster vLLM checks its budget on the engine's node)."""
+    import ray
+
     local = len([n for n in ray.nodes() if n.get("Alive")]) <= 1
     if not local:
         log.info("multi-node cluster: vLLM checks its KV-cache budget on the engine's node")
-    return build_vllm_processor(cfg.synth, resolve_model(cfg.synth.generator), use_gpu=_use_gpu(cfg),
-                                check_memory=local, query_max_tokens=query_max_tokens)
+    return local
 
 
 class _ShardWriter:

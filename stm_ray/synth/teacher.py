@@ -23,7 +23,6 @@ InfoNCE alone) and is counted.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import shutil
@@ -35,9 +34,10 @@ from typing import Any
 import pyarrow as pa
 
 from stm_ray.config import ConfigError, PipelineConfig
-from stm_ray.data.shards import read_shards, shard_files, shard_stats, write_shard
+from stm_ray.data.shards import SCORE_COLUMNS, read_shards, shard_files, shard_stats, write_shard
 from stm_ray.data.task import DataReport
 from stm_ray.stage import Fingerprint, decide, fingerprint
+from stm_ray.synth.pipeline import _read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,9 @@ def reranker_folder(cfg: PipelineConfig) -> str:
 def source_fingerprint(source: Path) -> str:
     """The source shards by what produced them: Synthesize's finished manifest, else every file's name, size and
     modification time."""
-    try:
-        record = json.loads((source / "manifest.json").read_text(encoding="utf-8"))
-        if record.get("status") == "done" and record.get("fingerprint"):
-            return f"synth:{record['fingerprint']}"
-    except (OSError, ValueError):
-        pass
+    record = _read_manifest(source / MANIFEST) if source.is_dir() else None
+    if record and record.get("status") == "done" and record.get("fingerprint"):
+        return f"synth:{record['fingerprint']}"
     h = hashlib.sha256()
     for f in shard_files(source):
         st = f.stat()
@@ -123,11 +120,14 @@ class RerankerScorer:
 def _reranker_rows(items: list[dict[str, Any]], cfg: PipelineConfig) -> Iterator[dict[str, Any]]:
     import ray
 
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+    from stm_ray.synth.pipeline import _node_cpus
+
+    # one actor with the CPUs it uses as torch threads: all but one of the largest node's (the driver's share)
+    threads = max(1, _node_cpus() - 1)
     ds = ray.data.from_items(items).map_batches(
         RerankerScorer, fn_constructor_kwargs={"path": reranker_folder(cfg), "batch_size": cfg.teacher.batch_size,
                                                "threads": threads},
-        batch_size=cfg.teacher.batch_size * 4, concurrency=1, num_cpus=1, batch_format="numpy")
+        batch_size=cfg.teacher.batch_size * 4, concurrency=1, num_cpus=threads, batch_format="numpy")
     yield from ds.iter_rows()
 
 
@@ -171,26 +171,19 @@ def mean_logprob(prompt_logprobs: Any, token_ids: list[int], start: int) -> floa
 
 def _llm_rows(items: list[dict[str, Any]], cfg: PipelineConfig) -> Iterator[dict[str, Any]]:
     import ray
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    from ray.data.llm import build_processor
     from transformers import AutoTokenizer
 
     from stm_ray.modeling.aliases import resolve_model
-    from stm_ray.synth.llm import LIGHT_CPU, vllm_engine_kwargs
-    from stm_ray.synth.pipeline import _use_gpu
+    from stm_ray.synth.llm import LIGHT_CPU, vllm_processor_config
+    from stm_ray.synth.pipeline import _use_gpu, single_node
 
     s = cfg.synth.model_copy(update={"generator": cfg.teacher.generator or cfg.synth.generator})
     model_dir = resolve_model(s.generator)
     feedback_prompts(items, AutoTokenizer.from_pretrained(model_dir), cfg.teacher.template, s.max_model_len - 1)
-    use_gpu = _use_gpu(cfg)
-    local = len([n for n in ray.nodes() if n.get("Alive")]) <= 1
-    engine = vllm_engine_kwargs(s, use_gpu, model_dir, check=local)
-    extra: dict[str, Any] = {}
-    if not use_gpu:
-        extra["placement_group_config"] = {"bundles": [{"CPU": 1}], "strategy": "PACK"}
-    config = vLLMEngineProcessorConfig(
-        model_source=model_dir, engine_kwargs=engine, batch_size=s.batch_size, concurrency=tuple(s.concurrency),
-        max_concurrent_batches=s.max_concurrent_batches, should_continue_on_error=True, log_engine_metrics=False,
-        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, **extra)
+    # the prompt arrives as token ids (the query's tokens must be known exactly): no chat-template stage
+    config = vllm_processor_config(s, model_dir, use_gpu=_use_gpu(cfg), check_memory=single_node(),
+                                   chat_template_stage=False)
 
     def pre(row: dict[str, Any]) -> dict[str, Any]:
         return {"sid": row["sid"], "row": row["row"], "cand": row["cand"], "prefix": row["prefix"],
@@ -215,15 +208,14 @@ def _llm_rows(items: list[dict[str, Any]], cfg: PipelineConfig) -> Iterator[dict
 class _ScoreWriter:
     """Collects streamed scores per shard; writes a shard (its rows + score columns) once every candidate is in."""
 
-    def __init__(self, out: Path, sources: dict[int, tuple[Path, Path, pa.Table]], fp: str, kind: str) -> None:
-        self.out, self.sources, self.fp, self.kind = out, sources, fp, kind
+    def __init__(self, sources: dict[int, tuple[Path, Path, pa.Table]], fp: str, kind: str) -> None:
+        self.sources, self.fp, self.kind = sources, fp, kind
         self.need = {sid: sum(1 + len(n or []) for n in t.column("negatives").to_pylist())
                      for sid, (_, _, t) in sources.items()}
         self.scores: dict[int, dict[tuple[int, int], float]] = {sid: {} for sid in sources}
         self.failed_pairs = 0
         self.errors: list[str] = []
         self.rows = self.scored = 0
-        self.written: list[Path] = []
 
     def add(self, row: dict[str, Any]) -> None:
         sid, score = int(row["sid"]), float(row["score"])
@@ -249,11 +241,11 @@ class _ScoreWriter:
                 negs.append(vals[1:])
                 self.scored += 1
             self.rows += 1
-        t = table.drop_columns([c for c in ("positive_score", "negative_scores") if c in table.column_names])
+        t = table.drop_columns([c for c in SCORE_COLUMNS if c in table.column_names])
         t = t.append_column("positive_score", pa.array(pos, pa.float64()))
         t = t.append_column("negative_scores", pa.array(negs, pa.list_(pa.float64())))
         stats = {**shard_stats(src), "teacher_fingerprint": self.fp, "teacher": self.kind}
-        self.written.append(write_shard(t, dst, stats=stats))
+        write_shard(t, dst, stats=stats)
 
 
 def teacher_scores(cfg: PipelineConfig, *, show_progress: bool = True) -> dict[str, Any]:
@@ -270,10 +262,7 @@ def teacher_scores(cfg: PipelineConfig, *, show_progress: bool = True) -> dict[s
     out = Path(cfg.run_dir) / "teacher"
     fp = teacher_fingerprint(cfg)
     path = out / MANIFEST
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        record = None
+    record = _read_manifest(path)
     files = shard_files(source)
     rel = {f: (f.relative_to(source) if source.is_dir() else Path(f.name)) for f in files}
     complete = bool(record) and record.get("status") == "done" and all((out / rel[f]).is_file() for f in files)
@@ -297,7 +286,7 @@ def teacher_scores(cfg: PipelineConfig, *, show_progress: bool = True) -> dict[s
     items = [it for sid, (_, _, t) in todo.items() for it in candidates(t, sid, cfg.teacher.max_document_chars)]
     log.info("teacher %s: %d shard(s) of %s to score (%d already done), %d (query, candidate) pairs",
              cfg.teacher.kind, len(todo), source, done, len(items))
-    writer = _ScoreWriter(out, todo, fp.value, cfg.teacher.kind)
+    writer = _ScoreWriter(todo, fp.value, cfg.teacher.kind)
     ts = time.perf_counter()
     if items:
         init_local_ray()

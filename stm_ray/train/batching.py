@@ -78,7 +78,6 @@ class TrainRows:
     @classmethod
     def from_table(cls, table, negative_sources: list[str] | None = None, scores: bool = False) -> TrainRows:
         """The rows of a shard table; ``scores``: keep the teacher columns (rows without them get None)."""
-        n = table.num_rows
         negs = table.column("negatives").to_pylist()
         pos_s = table.column("positive_score").to_pylist() if scores and "positive_score" in table.column_names else None
         neg_s = table.column("negative_scores").to_pylist() if pos_s is not None else None
@@ -92,8 +91,7 @@ class TrainRows:
         return cls(queries=table.column("query").to_pylist(), positives=table.column("positive").to_pylist(),
                    negatives=[list(x or []) for x in negs], instructions=table.column("instruction").to_pylist(),
                    tasks=table.column("task").to_pylist(),
-                   positive_scores=pos_s, negative_scores=neg_s if neg_s is not None else (None if pos_s is None
-                                                                                           else [None] * n))
+                   positive_scores=pos_s, negative_scores=neg_s)
 
     @property
     def scored(self) -> int:
