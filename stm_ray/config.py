@@ -160,6 +160,15 @@ class SynthConfig(_Frozen):
                                 "starts and checked first against the memory available there; on a GPU None leaves "
                                 "vLLM's own sizing (gpu_memory_utilization 0.85 of the GPU).", json_schema_extra=RUNTIME)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments (override the defaults).", json_schema_extra=RUNTIME)
+    vllm_runner: Literal["auto", "processor", "in_process"] = Field(
+        "auto", description="How an engine actor runs vLLM: 'processor' = ray.data.llm's vLLM stage (AsyncLLM, its "
+                            "engine core in a second process); 'in_process' = a Ray Data actor holding vllm.LLM with "
+                            "the engine core in the actor's own process (on a CPU the second process's polling "
+                            "costs ~40% of the throughput); 'auto' = in_process on CPU, processor on GPU.",
+        json_schema_extra=RUNTIME)
+    cpu_threads: int | None = Field(
+        None, ge=1, description="vllm_runner in_process on a CPU: compute threads per engine actor; None = the "
+                                "largest node's CPUs divided by the pool's max actors.", json_schema_extra=RUNTIME)
     use_gpu: bool | None = Field(None, description="One GPU per engine actor; None = when the Ray cluster has GPUs.", json_schema_extra=RUNTIME)
     concurrency: tuple[int, int] = Field((1, 1), description="(min, max) engine actors: an autoscaling pool.", json_schema_extra=RUNTIME)
     http_qps: int | None = Field(8, ge=1, description="engine='openai': max requests per second per actor (None = one at a time).", json_schema_extra=RUNTIME)
@@ -415,6 +424,10 @@ class EvalConfig(_Frozen):
     top_k: int = Field(100, ge=1, description="Documents retrieved per query.")
     corpus_chunk_size: int = Field(50_000, ge=1, description="Documents scored at a time (bounds memory).", json_schema_extra=RUNTIME)
     use_mteb: bool = Field(False, description="Also run mteb.evaluate on the same model and task.")
+    early: bool = Field(True, description="stm-ray run on a cluster without GPUs: an expert that finishes training "
+                                          "while others still train is evaluated at once, on the CPUs it freed; the "
+                                          "evaluate stage then reuses its files (same fingerprint rule).",
+                        json_schema_extra=RUNTIME)
     dimensions: list[int] | None = Field(
         None, description="Also report NDCG@10 with the embeddings cut to these many coordinates (Matryoshka "
                           "truncation, renormalised), from the same encode, e.g. [256, 128, 64]. Any model can be "

@@ -117,11 +117,56 @@ def _teacher(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
     return teacher_scores(cfg, show_progress=show_progress)
 
 
+def _evaluate_one(cfg: PipelineConfig, label: str, model: str, threads: int) -> None:
+    import torch
+
+    from stm_ray.eval import evaluate_models
+
+    torch.set_num_threads(threads)
+    evaluate_models(cfg, {label: model}, show_progress=False)
+
+
+class EarlyEvaluation:
+    """Evaluates an expert that finished training while others still train: a Ray task on the CPUs its run held
+    (``train.num_workers`` x ``train.cpus_per_worker``), writing the evaluate stage's own files, which that stage
+    then reuses (waiting for the task first). On a small machine this fills the cores that the last, longest
+    expert leaves idle. Only when the loop goes on to evaluate, nothing is forced and the cluster has no GPU."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        # a Ray worker's working directory need not be the driver's: the task gets the run directory's full path
+        self.cfg = cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir).resolve())})
+        self.refs: dict[str, Any] = {}
+
+    def __call__(self, result) -> None:
+        import ray
+
+        if ray.cluster_resources().get("GPU", 0) > 0:  # the evaluate stage encodes on a GPU: faster than here
+            return
+        t = self.cfg.train
+        cpus = t.num_workers * t.cpus_per_worker
+        label = f"expert-{result.name}"
+        log.info("evaluating %s now, on the %d CPU(s) its training freed", label, cpus)
+        self.refs[label] = ray.remote(num_cpus=cpus)(_evaluate_one).remote(self.cfg, label, result.path, cpus)
+
+    def wait(self) -> None:
+        import ray
+
+        for label, ref in self.refs.items():
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the evaluate stage redoes what is missing
+                log.warning("early evaluation of %s failed (%s); the evaluate stage does it", label, e)
+        self.refs = {}
+
+
+_EARLY: dict[str, EarlyEvaluation] = {}  # run_dir -> the early evaluations of this run_pipeline call
+
+
 def _train(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
     from stm_ray.stage import combine
     from stm_ray.train import train_experts
 
-    results = train_experts(cfg, show_progress=show_progress)
+    results = train_experts(cfg, show_progress=show_progress, on_finished=_EARLY.get(str(cfg.run_dir)))
     return {"experts": {r.name: {k: v for k, v in asdict(r).items() if k != "name"} for r in results},
             "fingerprint": combine([r.fingerprint for r in results])}
 
@@ -178,6 +223,9 @@ def _rerank(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
 def _evaluate(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
     from stm_ray.eval import evaluate_models
 
+    early = _EARLY.get(str(cfg.run_dir))
+    if early is not None:
+        early.wait()
     return evaluate_models(cfg, models_to_evaluate(cfg), show_progress=show_progress)
 
 
@@ -241,6 +289,9 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
         if name not in chosen and manifest.stage(name).get("status") in ("pending", "running"):
             manifest.stage(name)["status"] = "skipped" if name != "serve" else "pending"
     manifest.save()
+    _EARLY.pop(str(cfg.run_dir), None)
+    if cfg.eval.early and not force and "train" in chosen and "evaluate" in chosen and not cfg.train.use_gpu:
+        _EARLY[str(cfg.run_dir)] = EarlyEvaluation(cfg)
     t_all = time.perf_counter()
     for i, name in enumerate(chosen, start=1):
         head = f"[{i}/{len(chosen)}] {name}"
@@ -265,6 +316,7 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
                         items=[d.as_dict() for d in decisions], counts=counts)
         sync()
         log.info("%s: done in %.0f s (%s)", head, time.perf_counter() - t0, action)
+    _EARLY.pop(str(cfg.run_dir), None)
     try:
         from stm_ray.report import write_report
 

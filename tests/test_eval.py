@@ -11,6 +11,7 @@ from stm_ray.data import load_task
 from stm_ray.eval import evaluate, evaluate_run, exact_search
 from stm_ray.eval.metrics import ndcg_at_k, rank
 from stm_ray.modeling import Embedder
+from tests.conftest import DOCS, write_beir
 
 
 def test_ndcg_hand_computed_with_linear_gains():
@@ -130,3 +131,42 @@ def test_minilm_reproduces_mteb_scifact():
     r = evaluate("minilm", f"beir:{SCIFACT}", "test", show_progress=False)
     assert r.num_queries == 300
     assert r.ndcg_at_10 == pytest.approx(0.6451, abs=0.001)
+
+
+def test_base_evaluation_reuses_the_corpus_embeddings_mining_cached(tiny_bert_dir, beir_train_dev, tmp_path):
+    """The evaluate stage and the searches' dev sets take the base model's corpus embeddings from the cache that
+    dense mining wrote (same model config, same corpus) instead of encoding the corpus again; a different corpus
+    or model config never finds them."""
+    from stm_ray.config import load_config
+    from stm_ray.eval.evaluate import evaluate_tasks
+    from stm_ray.search.dev import cached_dev_embeddings, dev_sets
+    from stm_ray.synth.pipeline import cached_corpus_embeddings, corpus_cache_path
+
+    spec = f"beir:{beir_train_dev}"
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.tasks=[{spec}]",
+                             f"model.name_or_path={tiny_bert_dir}", "search.dev_corpus_size=5",
+                             "search.dev_max_queries=3", "search.dev_pool_depth=1"])
+    task = load_task(spec)
+    assert cached_corpus_embeddings(cfg, spec, cfg.model, task) is None
+    fresh = evaluate_tasks(cfg, show_progress=False)[0]
+    emb = Embedder.from_config(cfg.model)
+    real = emb.encode_corpus(task.doc_texts())
+    path = corpus_cache_path(tmp_path / "run" / "synth", spec, cfg.model, task)
+    path.parent.mkdir(parents=True)
+    np.save(path, real)
+    again = evaluate_tasks(cfg, show_progress=False)[0]
+    assert again.ndcg_at_10 == pytest.approx(fresh.ndcg_at_10) and again.task == spec
+    # the cache is what is used: reversed document embeddings score differently
+    np.save(path, real[::-1].copy())
+    assert evaluate_tasks(cfg, show_progress=False)[0].scores != fresh.scores
+    # the dev sets get the rows of their pooled documents, in their order
+    np.save(path, real)
+    dev = dev_sets(cfg)
+    assert len(dev[0].corpus) == 5
+    cut = cached_dev_embeddings(cfg, dev, cfg.model)
+    np.testing.assert_allclose(cut[0], emb.encode_corpus(dev[0].corpus), atol=1e-5)
+    # another model config or another corpus: no cache
+    other = cfg.model.model_copy(update={"max_length": 16})
+    assert cached_corpus_embeddings(cfg, spec, other, task) is None and cached_dev_embeddings(cfg, dev, other) is None
+    changed = write_beir(tmp_path / "changed", docs={**DOCS, "d1": ("Other", "another text")})
+    assert corpus_cache_path(tmp_path / "run" / "synth", spec, cfg.model, load_task(f"beir:{changed}")) != path

@@ -244,6 +244,6 @@ def test_synthesis_pool_scales_up(ray_head, two_tasks, tiny_bert_dir, tiny_llama
     _submit(address, env, sub_id, overrides, "--stages", "synthesize", wait=True)
     manifest = json.loads((run / "manifest.json").read_text())
     pools = manifest["stages"]["synthesize"]["counts"]["actor_pools"]
-    engine = next(p for name, p in pools.items() if "vLLM" in name)
+    engine = next(p for name, p in pools.items() if "vllm" in name.lower())
     alive = [a for _, a, _ in engine["timeline"]]
     assert alive[0] == 1 and max(alive) == 2 and all(1 <= a <= 2 for a in alive), engine["timeline"]

@@ -154,3 +154,47 @@ def test_run_help_names_the_stages_and_manifest():
     for word in ("manifest.json", "--stages", "--skip", "--serve", "jobs/pipeline.py"):
         assert word in proc.stdout
 
+
+
+def test_early_evaluation_writes_what_the_evaluate_stage_reuses(ray_local, tmp_path, tiny_beir, tiny_bert_dir):
+    """An expert that finished while others train is evaluated in a Ray task on the CPUs it freed; the evaluate
+    stage waits for it and reuses its file by the evaluation fingerprint (the same numbers, not encoded again)."""
+    import stm_ray.pipeline as pl
+    from stm_ray.eval.evaluate import evaluate_models, result_path
+    from stm_ray.modeling import Embedder
+    from stm_ray.stage import recording
+    from stm_ray.train.experts import ExpertResult
+
+    cfg = _cfg(str(tmp_path / "run"), tiny_beir, tiny_bert_dir)
+    folder = Embedder.from_pretrained(tiny_bert_dir).save(tmp_path / "expert-a")
+    early = pl.EarlyEvaluation(cfg)
+    early(ExpertResult(name="a", path=str(folder), rows=1, steps=1, final_loss=0.0, samples_per_s=0.0, wall_s=0.0))
+    assert list(early.refs) == ["expert-a"]
+    early.wait()
+    path = result_path(tmp_path / "run" / "eval" / "expert-a", f"beir:{tiny_beir}")
+    written = json.loads(path.read_text())
+    with recording() as decisions:
+        table = evaluate_models(cfg, {"expert-a": str(folder)}, show_progress=False)
+    assert [d.action for d in decisions] == ["reuse"]
+    assert table["ndcg_at_10"]["expert-a"][f"beir:{tiny_beir}"] == written["scores"]["test"][0]["ndcg_at_10"]
+    # registered only when the loop trains and then evaluates, nothing is forced and eval.early is on
+    seen = {}
+
+    def spy(cfg_, show_progress):
+        seen["early"] = pl._EARLY.get(str(cfg_.run_dir))
+        return {"fingerprint": "x"}
+
+    runners = dict(pl.RUNNERS)
+    try:
+        pl.RUNNERS.update(train=spy, evaluate=lambda c, s: {"fingerprint": "y"})
+        for stages, extra, force, expected in [(["train", "evaluate"], [], False, True),
+                                               (["train"], [], False, False),
+                                               (["train", "evaluate"], [], True, False),
+                                               (["train", "evaluate"], ["eval.early=false"], False, False)]:
+            pl.run_pipeline(_cfg(str(tmp_path / "run2"), tiny_beir, tiny_bert_dir, *extra), stages=stages,
+                            force=force, show_progress=False)
+            assert isinstance(seen.pop("early"), pl.EarlyEvaluation) is expected, (stages, extra, force)
+            assert str(tmp_path / "run2") not in pl._EARLY  # dropped when the call ends
+    finally:
+        pl.RUNNERS.clear()
+        pl.RUNNERS.update(runners)

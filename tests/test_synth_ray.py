@@ -52,15 +52,18 @@ def _check_shards(out: Path, expected_pairs: set[tuple[str, str]]) -> list[dict]
     return rows
 
 
+# both ways an engine actor runs vLLM: ray.data.llm's processor (AsyncLLM, a GPU node's default) and vllm.LLM in
+# the actor's own process (a CPU's default)
+@pytest.mark.parametrize("runner", ["in_process", "processor"])
 def test_synthesize_writes_mined_and_synthetic_negatives(ray_local, tiny_llama_dir, tiny_bert_dir, beir_train_dev,
-                                                         tmp_path):
+                                                         tmp_path, runner):
     from stm_ray.config import load_config
     from stm_ray.synth import synthesize
     from stm_ray.synth.checks import DROP_REASONS
 
     cfg = load_config(None, _overrides(tmp_path, beir_train_dev, tiny_llama_dir, tiny_bert_dir,
                                        "synth.shard_size=3", "synth.instruction_pool_size=2",
-                                       "synth.synthetic_max_rows=5"))
+                                       "synth.synthetic_max_rows=5", f"synth.vllm_runner={runner}"))
     res = synthesize(cfg, show_progress=False)
     out = tmp_path / "run" / "synth"
     rows = _check_shards(out, {(f"q{i}", f"d{i}") for i in range(1, 9)})
@@ -108,6 +111,28 @@ def test_synthesize_writes_mined_and_synthetic_negatives(ray_local, tiny_llama_d
     rows = _check_shards(out, {(f"q{i}", f"d{i}") for i in range(1, 9)})
     assert not any("synthetic" in r["negative_sources"] for r in rows)
     assert json.loads((out / "manifest.json").read_text())["fingerprint"] == other.fingerprint
+
+
+def test_in_process_engine_fails_only_the_row_it_rejects(ray_local, tiny_llama_dir):
+    """A prompt longer than max_model_len is one engine error; the other rows of its batch are generated."""
+    import ray.data
+
+    from stm_ray.config import SynthConfig
+    from stm_ray.synth.llm import PASSTHROUGH, build_vllm_processor
+
+    cfg = SynthConfig(generator=tiny_llama_dir, vllm_runner="in_process", max_new_tokens=8, max_model_len=256,
+                      max_num_seqs=4, batch_size=4, max_concurrent_batches=1, prompt_max_chars=100_000)
+    rows = []
+    for i, positive in enumerate(["cholera is an infection", "word " * 2000, "typhoid fever", "a fracture"]):
+        row = {c: "" for c in PASSTHROUGH}
+        row.update(kind="negative", key=f"k{i}", gen=0, shard=0, query=f"query {i}", positive=positive,
+                   instruction="Given a query, retrieve passages", mined_negatives=[], mined_sources=[],
+                   false_negatives_dropped=0, examples=[])
+        rows.append(row)
+    out = {r["key"]: r for r in build_vllm_processor(cfg, tiny_llama_dir, use_gpu=False)(
+        ray.data.from_items(rows)).take_all()}
+    assert out["k1"]["engine_error"] and out["k1"]["gen_tokens"] == 0
+    assert all(out[k]["engine_error"] == "" and out[k]["gen_tokens"] > 0 for k in ("k0", "k2", "k3"))
 
 
 def _cli(args: list[str], log_path: Path) -> subprocess.Popen:

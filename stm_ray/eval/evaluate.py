@@ -93,10 +93,11 @@ def evaluate_split(embedder, split: RetrievalSplit, *, k_values=(1, 3, 5, 10, 10
 def evaluate(model, task: str | RetrievalTask, split: str = "test", *, model_cfg=None, eval_cfg=None,
              strict: bool = False, max_queries: int | None = None, use_mteb: bool | None = None,
              output: str | Path | None = None, show_progress: bool = True,
-             record: dict[str, Any] | None = None) -> EvalResult:
+             record: dict[str, Any] | None = None, corpus_emb=None, name: str | None = None) -> EvalResult:
     """Evaluate one task split. ``model`` is an Embedder, a folder, a hub id or an alias; ``task`` a spec or a
     task already loaded (so callers that need its tables too load it once). ``record`` (a fingerprint record) goes
-    into the output file's ``stm_ray`` section."""
+    into the output file's ``stm_ray`` section; ``corpus_emb`` reuses this model's embeddings of the corpus; ``name``
+    names the task in the results (default: the spec, or a loaded task's own name)."""
     from stm_ray.config import EvalConfig, ModelConfig
     from stm_ray.modeling import Embedder
 
@@ -105,12 +106,12 @@ def evaluate(model, task: str | RetrievalTask, split: str = "test", *, model_cfg
         cfg = (model_cfg or ModelConfig()).model_copy(update={"name_or_path": str(model)})
         model = Embedder.from_config(cfg)
     t = load_task(task, strict=strict) if isinstance(task, str) else task
-    spec = task if isinstance(task, str) else t.name
+    spec = name or (task if isinstance(task, str) else t.name)
     sp = t.split(split, max_queries=max_queries)
     log.info("evaluating %s on %s/%s: %d queries, %d documents", model.name_or_path, spec, split, len(sp), len(sp.corpus))
     res = evaluate_split(model, sp, k_values=tuple(eval_cfg.k_values), top_k=eval_cfg.top_k,
                          corpus_chunk_size=eval_cfg.corpus_chunk_size, show_progress=show_progress,
-                         model_name=model.name_or_path, dimensions=eval_cfg.dimensions or ())
+                         model_name=model.name_or_path, dimensions=eval_cfg.dimensions or (), corpus_emb=corpus_emb)
     res.task = spec
     if use_mteb if use_mteb is not None else eval_cfg.use_mteb:
         from stm_ray.eval.mteb_adapter import mteb_scores
@@ -140,6 +141,7 @@ def evaluate_tasks(cfg, *, model: str | None = None, tasks: list[str] | None = N
     Arguments left as None come from the config (``model.name_or_path``, ``data.tasks``, ``data.test_split``, ...).
     """
     from stm_ray.modeling import Embedder
+    from stm_ray.synth.pipeline import cached_corpus_embeddings
 
     model_cfg = cfg.model if model is None else cfg.model.model_copy(update={"name_or_path": model})
     tasks = tasks or cfg.data.tasks
@@ -149,10 +151,15 @@ def evaluate_tasks(cfg, *, model: str | None = None, tasks: list[str] | None = N
         out = result_path(output, task, len(tasks)) if output else None
         strict_ = cfg.data.strict if strict is None else strict
         # a docs: task is the one the run's queries stage wrote (named by its spec)
-        loaded = load_task(task, strict=strict_, run_dir=cfg.run_dir) if task.startswith("docs:") else task
+        loaded = load_task(task, strict=strict_, run_dir=cfg.run_dir)
+        # the base model's corpus embeddings: mining (or the queries stage's round trip) cached them already
+        cached = cached_corpus_embeddings(cfg, task, model_cfg, loaded)
+        if cached is not None:
+            log.info("%s on %s: the corpus embeddings mining cached are reused", model_cfg.name_or_path, task)
         results.append(evaluate(emb, loaded, split or cfg.data.test_split, eval_cfg=cfg.eval, strict=strict_,
                                 max_queries=max_queries or cfg.data.max_queries, use_mteb=use_mteb, output=out,
-                                show_progress=show_progress, record=(records or {}).get(task)))
+                                show_progress=show_progress, record=(records or {}).get(task), corpus_emb=cached,
+                                name=task))
         if out:
             log.info("wrote %s", out)
     return results

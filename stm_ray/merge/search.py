@@ -27,7 +27,7 @@ from typing import Any
 from stm_ray.data import DataError
 from stm_ray.merge.mergekit_run import USES_DENSITY, merge_models, prepare_base
 from stm_ray.search.common import best_row, decide_search, plot_trials, run_tuner, trial_rows
-from stm_ray.search.dev import dev_sets, objective, score_embedder, score_folders
+from stm_ray.search.dev import cached_dev_embeddings, dev_sets, objective, score_embedder, score_folders
 from stm_ray.stage import Fingerprint, fingerprint
 from stm_ray.utils import atomic_write_json, init_local_ray
 
@@ -160,9 +160,17 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
                     if s.gpus_per_trial == 0 else "auto", "dtype": cfg.model.dtype}
     if instr is not None:
         model_kwargs["query_instruction"] = instr
-    refs = score_folders({"base": base, **experts}, dev, model_kwargs, cpus=s.cpus_per_trial, gpus=s.gpus_per_trial,
-                         dimension=m.dimension)
-    base_dev, experts_dev = refs.pop("base"), refs
+    # the base's document embeddings: mining cached them (its queries are encoded here, with the instruction)
+    cached = cached_dev_embeddings(cfg, dev, cfg.model) if cfg.model.dtype == "float32" else None  # base: float32
+    base_dev = None
+    if cached is not None:
+        from stm_ray.modeling import Embedder
+
+        base_dev = score_embedder(Embedder.from_pretrained(base, **model_kwargs), dev, corpus_embs=cached,
+                                  dimension=m.dimension)
+    refs = score_folders({**({} if base_dev else {"base": base}), **experts}, dev, model_kwargs,
+                         cpus=s.cpus_per_trial, gpus=s.gpus_per_trial, dimension=m.dimension)
+    base_dev, experts_dev = base_dev or refs.pop("base"), refs
     for n, sc in [("base", base_dev), *experts_dev.items()]:
         log.info("dev NDCG@10 %-24s %.4f", n, sc.ndcg_at_10)
 

@@ -71,6 +71,26 @@ def dev_sets(cfg, loaded: dict[str, RetrievalTask] | None = None) -> list[Retrie
     return out
 
 
+def cached_dev_embeddings(cfg, sets: list[RetrievalSplit], model_cfg,
+                          loaded: dict[str, RetrievalTask] | None = None) -> list[np.ndarray] | None:
+    """``model_cfg``'s embeddings of each dev set's documents, cut from the corpus embeddings mining cached for it
+    (:func:`stm_ray.synth.pipeline.cached_corpus_embeddings`); None unless every set has them."""
+    from stm_ray.synth.pipeline import cached_corpus_embeddings
+
+    out = []
+    for sp in sets:
+        task = (loaded or {}).get(sp.task) or load_task(sp.task, strict=cfg.data.strict, run_dir=cfg.run_dir)
+        full = cached_corpus_embeddings(cfg, sp.task, model_cfg, task)
+        if full is None:
+            return None
+        pos = {d: i for i, d in enumerate(task.corpus.column("_id").to_pylist())}
+        if any(d not in pos for d in sp.corpus_ids):
+            return None
+        out.append(full[[pos[d] for d in sp.corpus_ids]])
+    log.info("dev sets: the corpus embeddings mining cached for %s are reused", model_cfg.name_or_path)
+    return out
+
+
 @dataclass
 class DevScore:
     """Mean NDCG@10 and Recall@10 over tasks, and both per task."""

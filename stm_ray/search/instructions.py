@@ -22,7 +22,7 @@ from typing import Any
 
 from stm_ray.data import RetrievalTask, load_task
 from stm_ray.search.common import best_row, decide_search, plot_trials, run_tuner, trial_rows
-from stm_ray.search.dev import dev_sets, objective, score_embedder, score_folders
+from stm_ray.search.dev import cached_dev_embeddings, dev_sets, objective, score_embedder, score_folders
 from stm_ray.stage import Fingerprint, fingerprint
 from stm_ray.utils import atomic_write_json, init_local_ray
 
@@ -161,7 +161,10 @@ def search_instructions(cfg, *, model: str | None = None, save: bool = True,
                     "device": "cpu" if s.gpus_per_trial == 0 else "auto", "dtype": cfg.model.dtype,
                     "pooling": cfg.model.pooling}
     log.info("instruction search on %s: %d candidates, searcher %s", model, len(candidates), s.searcher)
-    corpus_embs = ray.get(_embed_corpora(model_kwargs, dev, s.cpus_per_trial, s.gpus_per_trial))
+    corpus_embs = (cached_dev_embeddings(cfg, dev, cfg.model.model_copy(update={"name_or_path": model}), tasks)
+                   if model == cfg.model.name_or_path else None)
+    if corpus_embs is None:
+        corpus_embs = ray.get(_embed_corpora(model_kwargs, dev, s.cpus_per_trial, s.gpus_per_trial))
     spec = {"candidates": candidates, "model_kwargs": model_kwargs, "threads": s.cpus_per_trial}
     grid = s.searcher == "grid" or len(candidates) <= s.num_samples
     space = {"candidate": tune.grid_search(list(range(len(candidates)))) if grid

@@ -1,5 +1,6 @@
 """The generator behind Synthesize, as ``ray.data.llm`` processors: vLLM engine actors or an OpenAI-compatible
-HTTP endpoint. Both take rows with a ``kind`` (``negative``, ``instruction`` or ``query``: the queries stage's rows, whose
+HTTP endpoint; on a CPU, by default, a Ray Data actor pool holding ``vllm.LLM`` in the actor's own process
+(:class:`InProcessVLLM`, ``synth.vllm_runner``). Both take rows with a ``kind`` (``negative``, ``instruction`` or ``query``: the queries stage's rows, whose
 ``instruction`` is the query kind's template and ``positive`` the document) and give back the same columns:
 ``generated`` (raw text), ``gen_tokens`` and ``engine_error``.
 
@@ -96,9 +97,95 @@ def vllm_processor_config(cfg: SynthConfig, model_source: str, *, use_gpu: bool,
     )
 
 
+def in_process(cfg: SynthConfig, use_gpu: bool) -> bool:
+    """Whether generation runs vLLM in the engine actor's own process (``synth.vllm_runner``; auto: on a CPU)."""
+    return cfg.vllm_runner == "in_process" or (cfg.vllm_runner == "auto" and not use_gpu)
+
+
+class InProcessVLLM:
+    """Ray Data UDF: one ``vllm.LLM`` per actor with its engine core in the actor's own process.
+
+    ray.data.llm's stage runs vLLM's ``AsyncLLM``, which always keeps the engine core in a second process; on a CPU
+    the two processes' polling takes cores the model needs (bench_synthesis: ~1.7x tokens/s in one process). Each
+    call generates a whole batch (``synth.batch_size`` x ``synth.max_concurrent_batches`` rows, as many as the
+    processor keeps in flight) and returns the processor's columns: the passthrough ones, ``generated``,
+    ``gen_tokens`` and ``engine_error`` (a row the engine rejects is marked, never fatal, and fails alone).
+    """
+
+    def __init__(self, cfg: SynthConfig, model_source: str, engine_kwargs: dict[str, Any], use_gpu: bool,
+                 query_max_tokens: int, threads: int = 1) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine is built: core in this process
+        if not use_gpu:
+            # Ray sets OMP_NUM_THREADS to the actor's CPU request (1). Set before torch loads, it is every thread's
+            # OpenMP default: Ray Data calls the UDF from another thread than this one, and vLLM's CPU kernels
+            # (attention, sampling) take their threads from OpenMP, not from torch.set_num_threads
+            os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
+        import torch
+        from vllm import LLM
+
+        if not use_gpu:
+            torch.set_num_threads(max(1, threads))
+        self.llm = LLM(model=model_source, **{"distributed_executor_backend": "uni", **engine_kwargs})
+        self.cfg, self.use_gpu, self.query_max_tokens = cfg, use_gpu, query_max_tokens
+
+    def __call__(self, batch):
+        import pyarrow as pa
+        from vllm import SamplingParams
+
+        rows = batch.to_pylist()
+        results = self._generate(rows, SamplingParams)
+        text, tokens, errors = ([r[i] for r in results] for i in range(3))
+        out = batch.select(list(PASSTHROUGH))
+        return (out.append_column("generated", pa.array(text, pa.string()))
+                   .append_column("gen_tokens", pa.array(tokens, pa.int64()))
+                   .append_column("engine_error", pa.array(errors, pa.string())))
+
+    def _generate(self, rows: list[dict[str, Any]], sampling_params) -> list[tuple[str, int, str]]:
+        """(text, tokens, error) per row. A failed call is split in halves until the failing rows are alone, as
+        ray.data.llm's should_continue_on_error fails only the bad row (a prompt longer than max_model_len fails
+        when it is added, before any generation, so the split costs little)."""
+        try:
+            params = [sampling_params(**_sampling(self.cfg, r, seeded=self.use_gpu,
+                                                  query_max_tokens=self.query_max_tokens)) for r in rows]
+            outs = self.llm.chat([messages_for(r, self.cfg.prompt_max_chars) for r in rows], params, use_tqdm=False)
+            return [(o.outputs[0].text, len(o.outputs[0].token_ids), "") if o.outputs else ("", 0, "no output")
+                    for o in outs]
+        except Exception as e:  # noqa: BLE001 - rows are marked, never fatal
+            if len(rows) == 1:
+                return [("", 0, f"{type(e).__name__}: {e}"[:300])]
+            half = len(rows) // 2
+            return self._generate(rows[:half], sampling_params) + self._generate(rows[half:], sampling_params)
+
+
+def build_in_process_generator(cfg: SynthConfig, model_source: str, *, use_gpu: bool, check_memory: bool = True,
+                               query_max_tokens: int = 64):
+    """The generator as a Ray Data actor pool of :class:`InProcessVLLM` (``synth.concurrency`` actors, one CPU
+    or one GPU each): a function from a dataset of rows to the generated dataset, like a ray.data.llm processor."""
+    from stm_ray.synth.pipeline import _node_cpus
+
+    kwargs = vllm_engine_kwargs(cfg, use_gpu, model_source, check=check_memory)
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    # the engine actor asks Ray for one CPU (the light stages and mining run beside it) and computes with the
+    # node's CPUs shared among the pool's actors
+    threads = cfg.cpu_threads or max(1, _node_cpus() // cfg.concurrency[1])
+
+    def generate(ds):
+        return ds.map_batches(InProcessVLLM, fn_constructor_kwargs={
+            "cfg": cfg, "model_source": model_source, "engine_kwargs": kwargs, "use_gpu": use_gpu,
+            "query_max_tokens": query_max_tokens, "threads": threads}, batch_size=cfg.batch_size * cfg.max_concurrent_batches,
+            batch_format="pyarrow", concurrency=tuple(cfg.concurrency), **resources)
+
+    return generate
+
+
 def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool, check_memory: bool = True,
                          query_max_tokens: int = 64):
+    """The vLLM generator: ray.data.llm's processor, or on a CPU (``synth.vllm_runner``) the in-process actor."""
     from ray.data.llm import build_processor
+
+    if in_process(cfg, use_gpu):
+        return build_in_process_generator(cfg, model_source, use_gpu=use_gpu, check_memory=check_memory,
+                                          query_max_tokens=query_max_tokens)
 
     config = vllm_processor_config(cfg, model_source, use_gpu=use_gpu, check_memory=check_memory,
                                    chat_template_stage={"num_cpus": LIGHT_CPU, "batch_size": cfg.batch_size})

@@ -165,6 +165,30 @@ def _instruction_path(out: Path, spec: str) -> Path:
     return out / "instructions" / f"{safe_name(spec)}.json"
 
 
+def corpus_cache_path(out: Path, spec: str, model_cfg, task: RetrievalTask) -> Path:
+    """Where the base model's corpus embeddings of a task are cached (``out``: the synth folder), keyed by what
+    changes them: the model's name, pooling, normalisation, length, document prefix, attention, dtype, and the
+    corpus itself (a digest of its ids, titles and texts)."""
+    m = model_cfg
+    c = task.corpus
+    digest = hashlib.sha1()
+    for name in ("_id", "title", "text"):
+        digest.update("\x1f".join(str(x) for x in c.column(name).to_pylist()).encode())
+    key = hashlib.sha1(json.dumps([m.name_or_path, m.pooling, m.normalize, m.max_length, m.document_instruction,
+                                   m.bidirectional, m.dtype, c.num_rows, digest.hexdigest()]).encode()).hexdigest()[:10]
+    return out / "cache" / f"{safe_name(spec)}-{key}.npy"
+
+
+def cached_corpus_embeddings(cfg: PipelineConfig, spec: str, model_cfg, task: RetrievalTask) -> np.ndarray | None:
+    """The corpus embeddings mining (or the queries stage's round trip) cached for ``model_cfg``, if any (the
+    evaluation of the base model reuses them instead of encoding the corpus again)."""
+    path = corpus_cache_path(Path(cfg.run_dir) / "synth", spec, model_cfg, task)
+    if not path.is_file():
+        return None
+    emb = np.load(path)
+    return emb if emb.shape[0] == task.corpus.num_rows else None
+
+
 def _corpus_embeddings(task: RetrievalTask, spec: str, cfg: PipelineConfig, out: Path) -> np.ndarray:
     """Dense corpus embeddings with the base model, computed once by a Ray Data actor pool, cached per model."""
     from stm_ray.eval.ray_encode import ray_encode
@@ -172,9 +196,7 @@ def _corpus_embeddings(task: RetrievalTask, spec: str, cfg: PipelineConfig, out:
     from stm_ray.utils import atomic_write_bytes
 
     m = cfg.model
-    key = hashlib.sha1(json.dumps([m.name_or_path, m.pooling, m.max_length, m.document_instruction, m.dtype,
-                                   task.corpus.num_rows]).encode()).hexdigest()[:10]
-    path = out / "cache" / f"{safe_name(spec)}-{key}.npy"
+    path = corpus_cache_path(out, spec, m, task)
     if path.is_file():
         return np.load(path)
     table = pa.table({"_id": task.corpus.column("_id"), "text": task.doc_texts()})

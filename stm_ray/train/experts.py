@@ -19,7 +19,8 @@ import shutil
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -322,13 +323,16 @@ def _progress_loop(actor, names: list[str], done: threading.Event, show: bool) -
 
 
 def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = None,
-                  show_progress: bool = True) -> list[ExpertResult]:
+                  show_progress: bool = True,
+                  on_finished: Callable[[ExpertResult], None] | None = None) -> list[ExpertResult]:
     """Train every expert found in the shards, concurrently as far as the Ray cluster's resources allow.
 
     Each expert is its own Ray Train run (``cfg.train.num_workers`` workers); runs that do not fit wait for
     resources. Each expert follows the stage contract (:func:`decide_expert`): reused when its ``metrics.json``
     records the same fingerprint, resumed from its last checkpoint when unfinished, retrained when the
     fingerprint differs. Returns one :class:`ExpertResult` per expert and writes ``<run_dir>/experts/summary.json``.
+    ``on_finished(result)`` is called for an expert that finishes while others still train and none waits for its
+    resources (the pipeline evaluates it there, on the CPUs it freed).
     """
     import ray
 
@@ -368,10 +372,15 @@ def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = No
         watcher = threading.Thread(target=_progress_loop, args=(actor, todo, done, show_progress), daemon=True)
         watcher.start()
         try:
-            with ThreadPoolExecutor(max_workers=tcfg.max_parallel_experts or len(todo)) as ex:
-                futures = {n: ex.submit(train_expert, cfg, n, groups[n], pool=pool, progress_actor=actor_name,
-                                        decided=decided[n]) for n in todo}
-                results_by_name.update({n: f.result() for n, f in futures.items()})
+            slots = tcfg.max_parallel_experts or len(todo)
+            with ThreadPoolExecutor(max_workers=slots) as ex:
+                futures = {ex.submit(train_expert, cfg, n, groups[n], pool=pool, progress_actor=actor_name,
+                                     decided=decided[n]): n for n in todo}
+                for f in as_completed(futures):
+                    results_by_name[futures[f]] = result = f.result()
+                    unfinished = sum(not g.done() for g in futures)
+                    if on_finished is not None and 0 < unfinished < slots:  # others train, none waits
+                        on_finished(result)
         finally:
             done.set()
             watcher.join(timeout=15)
