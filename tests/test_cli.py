@@ -73,7 +73,13 @@ def test_demo_command_runs_the_main_job_and_prints_the_table(tmp_path):
     assert set(rows) == {"ICD-10 ch. 3", "ICD-10 ch. 10 (synthetic train, real test)", "mean"}
     assert all(0.0 < v <= 1.0 for vs in rows.values() for v in vs)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert all(manifest["stages"][n]["action"] == "ran" for n in ("queries", "synthesize", "train", "merge", "evaluate"))
+    assert all(manifest["stages"][n]["action"] == "ran" for n in ("queries", "synthesize", "train", "merge"))
+    # evaluate ran every file, except those of an expert that finished while the other trained (eval.early): the
+    # pipeline evaluated it then, on the CPU its training freed, and the stage reused those files
+    items = manifest["stages"]["evaluate"]["items"]
+    assert {i["action"] for i in items} <= {"run", "reuse"} and any(i["action"] == "run" for i in items)
+    early = {i["item"].split(" on ")[0] for i in items if i["action"] == "reuse"}
+    assert all(label.startswith("expert-") and f"evaluating {label} now" in out + proc.stderr for label in early)
     q = manifest["stages"]["queries"]["counts"]["tasks"]["docs:icd10:10"]
     assert q["generated"] == 48 and q["drops"]["engine_error"] == 0 and q["gen_tokens"] and q["test"] == "real"
     assert q["kept"] == q["generated"] - sum(q["drops"].values()) and q["kept"] > 0

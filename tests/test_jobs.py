@@ -153,6 +153,9 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, two_tasks, tiny_bert_dir, tm
                  # tests/test_synth_ray.py's); here the job mechanics and every stage's artifacts
                  "synth.max_rows=null", "synth.synthetic_per_query=0", "synth.instruction_pool_size=0",
                  "synth.miners=[bm25]", "synth.mine_depth=5", "synth.shard_size=16", "synth.expert_by=task",
+                 # eval.early off: the rerun rule's outcome below is exact (an expert evaluated early by the
+                 # train stage would make the evaluate stage reuse its files; tests/test_pipeline.py covers that)
+                 "eval.early=false",
                  "train.batch_size=4", "train.max_steps=3", "train.evaluate_dev=false", "train.checkpoint_every=100",
                  "search.dev_corpus_size=8", "search.dev_pool_depth=2", "search.cpus_per_trial=1",
                  "merge.searcher=grid", "merge.methods=[linear]", "merge.weight_grid=[1.0]"]
