@@ -159,14 +159,11 @@ class EarlyEvaluation:
         self.refs = {}
 
 
-_EARLY: dict[str, EarlyEvaluation] = {}  # run_dir -> the early evaluations of this run_pipeline call
-
-
-def _train(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
+def _train(cfg: PipelineConfig, show_progress: bool, early: EarlyEvaluation | None = None) -> dict[str, Any]:
     from stm_ray.stage import combine
     from stm_ray.train import train_experts
 
-    results = train_experts(cfg, show_progress=show_progress, on_finished=_EARLY.get(str(cfg.run_dir)))
+    results = train_experts(cfg, show_progress=show_progress, on_finished=early)
     return {"experts": {r.name: {k: v for k, v in asdict(r).items() if k != "name"} for r in results},
             "fingerprint": combine([r.fingerprint for r in results])}
 
@@ -220,10 +217,9 @@ def _rerank(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
     return rerank_models(cfg, show_progress=show_progress)
 
 
-def _evaluate(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
+def _evaluate(cfg: PipelineConfig, show_progress: bool, early: EarlyEvaluation | None = None) -> dict[str, Any]:
     from stm_ray.eval import evaluate_models
 
-    early = _EARLY.get(str(cfg.run_dir))
     if early is not None:
         early.wait()
     return evaluate_models(cfg, models_to_evaluate(cfg), show_progress=show_progress)
@@ -289,9 +285,9 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
         if name not in chosen and manifest.stage(name).get("status") in ("pending", "running"):
             manifest.stage(name)["status"] = "skipped" if name != "serve" else "pending"
     manifest.save()
-    _EARLY.pop(str(cfg.run_dir), None)
-    if cfg.eval.early and not force and "train" in chosen and "evaluate" in chosen and not cfg.train.use_gpu:
-        _EARLY[str(cfg.run_dir)] = EarlyEvaluation(cfg)
+    # the train stage hands finished experts to it, the evaluate stage waits for it
+    early = (EarlyEvaluation(cfg) if cfg.eval.early and not force and "train" in chosen and "evaluate" in chosen
+             and not cfg.train.use_gpu else None)
     t_all = time.perf_counter()
     for i, name in enumerate(chosen, start=1):
         head = f"[{i}/{len(chosen)}] {name}"
@@ -303,7 +299,8 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
                 if name == "serve":
                     counts = serve_run(cfg, corpus, show_progress)
                 else:
-                    counts = RUNNERS[name](cfg, show_progress)
+                    counts = RUNNERS[name](cfg, show_progress, **({"early": early}
+                                                                  if early and name in ("train", "evaluate") else {}))
         except BaseException as e:
             manifest.update(name, status="failed", seconds=round(time.perf_counter() - t0, 2),
                             error=f"{type(e).__name__}: {e}"[:2000])
@@ -316,7 +313,6 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
                         items=[d.as_dict() for d in decisions], counts=counts)
         sync()
         log.info("%s: done in %.0f s (%s)", head, time.perf_counter() - t0, action)
-    _EARLY.pop(str(cfg.run_dir), None)
     try:
         from stm_ray.report import write_report
 

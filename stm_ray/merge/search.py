@@ -28,6 +28,7 @@ from stm_ray.data import DataError
 from stm_ray.merge.mergekit_run import USES_DENSITY, merge_models, prepare_base
 from stm_ray.search.common import best_row, decide_search, plot_trials, run_tuner, trial_rows
 from stm_ray.search.dev import cached_dev_embeddings, dev_sets, objective, score_embedder, score_folders
+from stm_ray.search.instructions import load_tasks
 from stm_ray.stage import Fingerprint, fingerprint
 from stm_ray.utils import atomic_write_json, init_local_ray
 
@@ -155,22 +156,25 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
     log.info("merge search over %d expert(s) %s: methods %s, searcher %s%s", len(experts), list(experts), m.methods,
              m.searcher, f", scored at {m.dimension} dimensions" if m.dimension else "")
     base = str(prepare_base(cfg.model, run_dir / "search" / "base"))
-    dev = dev_sets(cfg)
+    tasks = load_tasks(cfg)  # once, for the dev sets and the cached base embeddings
+    dev = dev_sets(cfg, tasks)
     model_kwargs = {"max_length": cfg.model.max_length, "batch_size": cfg.model.batch_size, "device": "cpu"
                     if s.gpus_per_trial == 0 else "auto", "dtype": cfg.model.dtype}
     if instr is not None:
         model_kwargs["query_instruction"] = instr
     # the base's document embeddings: mining cached them (its queries are encoded here, with the instruction)
-    cached = cached_dev_embeddings(cfg, dev, cfg.model) if cfg.model.dtype == "float32" else None  # base: float32
+    cached = cached_dev_embeddings(cfg, dev, cfg.model, tasks) if cfg.model.dtype == "float32" else None
     base_dev = None
-    if cached is not None:
+    if cached is not None:  # the base folder is written in float32, like the cached embeddings
         from stm_ray.modeling import Embedder
 
         base_dev = score_embedder(Embedder.from_pretrained(base, **model_kwargs), dev, corpus_embs=cached,
                                   dimension=m.dimension)
-    refs = score_folders({**({} if base_dev else {"base": base}), **experts}, dev, model_kwargs,
-                         cpus=s.cpus_per_trial, gpus=s.gpus_per_trial, dimension=m.dimension)
-    base_dev, experts_dev = base_dev or refs.pop("base"), refs
+    to_score = dict(experts) if base_dev is not None else {"base": base, **experts}
+    experts_dev = score_folders(to_score, dev, model_kwargs, cpus=s.cpus_per_trial, gpus=s.gpus_per_trial,
+                                dimension=m.dimension)
+    if base_dev is None:
+        base_dev = experts_dev.pop("base")
     for n, sc in [("base", base_dev), *experts_dev.items()]:
         log.info("dev NDCG@10 %-24s %.4f", n, sc.ndcg_at_10)
 
