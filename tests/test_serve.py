@@ -302,6 +302,33 @@ def test_binds_loopback_only(server):
         assert s.connect_ex((other, port)) != 0, f"port {port} answers on {other}"
 
 
+def test_direct_ingress_is_the_replica_answering(server):
+    """serve.ingress=auto on a local Ray with one replica: the replica's own HTTP server answers on serve.port (no
+    proxy hop); Serve's proxy, which Ray keeps as a fallback, listens on another loopback port and reaches the same
+    replica. A second deployment can't take over the running Serve's options: auto falls back to the proxy and an
+    explicit direct says why it can't."""
+    import psutil
+
+    from stm_ray.config import load_config
+    from stm_ray.serve.deploy import use_direct_ingress
+
+    url, ingress = server["url"], server["info"]["ingress"]
+    port = int(url.rsplit(":", 1)[1])
+    assert ingress["mode"] == "direct" and ingress["port"] == port and ingress["proxy_port"] != port
+    pid = requests.get(f"{url}/health", timeout=10).json()["pid"]
+    owner = [c.pid for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert owner == [pid], (owner, pid)  # the replica process itself holds the port
+    via_proxy = f"http://127.0.0.1:{ingress['proxy_port']}"
+    assert requests.get(f"{via_proxy}/health", timeout=10).json()["pid"] == pid
+    a = _post(url, "/v1/embeddings", {"input": "chest pain"}).json()["data"][0]["embedding"]
+    b = requests.post(f"{via_proxy}/v1/embeddings", json={"input": "chest pain"}, headers=AUTH, timeout=60).json()
+    np.testing.assert_allclose(a, b["data"][0]["embedding"], atol=1e-6)
+    cfg = server["cfg"]
+    assert use_direct_ingress(cfg, None) is False  # Serve already runs: its options are fixed
+    with pytest.raises(RuntimeError, match="Serve already runs"):
+        use_direct_ingress(load_config(None, ["serve.ingress=direct"]), None)
+
+
 # ------------------------------------------------------------------------------------------------ load and faults
 
 
@@ -452,6 +479,15 @@ def test_deployment_options_and_config_bounds():
         load_config(None, ["serve.min_replicas=3", "serve.max_replicas=2"])
     with pytest.raises(ConfigError, match="on_too_long"):
         load_config(None, ["serve.on_too_long=drop"])
+    with pytest.raises(ConfigError, match="ingress=direct serves one replica"):
+        load_config(None, ["serve.ingress=direct", "serve.max_replicas=2"])
+    # direct ingress: the flags reach the replica through its runtime_env; Serve's port pool excludes its upper end
+    from stm_ray.serve.deploy import direct_ingress_env
+
+    env = direct_ingress_env(8123)
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8123", "8124")
+    assert deployment_options({"replica_env": env})["ray_actor_options"]["runtime_env"] == {"env_vars": env}
+    assert "runtime_env" not in deployment_options({})["ray_actor_options"]
 
 
 def test_truncation_mode(served_model):

@@ -184,7 +184,7 @@ def resolve_args(args: dict[str, Any]) -> dict[str, Any]:
     from stm_ray.config import ServeConfig
 
     defaults = {**ServeConfig().model_dump(), "dtype": "float32", "device": "auto", "max_length": None,
-                "index_dir": None, "model_name": None, "log_level": "INFO", "token_sha256": None}
+                "index_dir": None, "model_name": None, "log_level": "INFO", "token_sha256": None, "replica_env": {}}
     return {**defaults, **args}
 
 
@@ -527,7 +527,9 @@ def deployment_options(args: dict[str, Any]) -> dict[str, Any]:
     args = resolve_args(args)
     opts: dict[str, Any] = {
         "max_ongoing_requests": int(args["max_ongoing_requests"]),
-        "ray_actor_options": {"num_cpus": float(args["num_cpus"]), "num_gpus": float(args["num_gpus"])},
+        "ray_actor_options": {"num_cpus": float(args["num_cpus"]), "num_gpus": float(args["num_gpus"]),
+                              # direct ingress: the replica reads Serve's flags from its own environment
+                              **({"runtime_env": {"env_vars": dict(args["replica_env"])}} if args["replica_env"] else {})},
         "logging_config": {"enable_access_log": bool(args["access_log"]), "log_level": args["log_level"]},
     }
     lo, hi = int(args["min_replicas"]), int(args["max_replicas"])

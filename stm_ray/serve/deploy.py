@@ -55,7 +55,7 @@ def app_args(cfg, model: str, index_dir: str | Path | None = None, log_level: st
     s = cfg.serve
     return {
         # HTTP bind, app name/route and the index root belong to the Serve config, not to the replicas
-        **s.model_dump(exclude={"host", "port", "app_name", "route_prefix", "index_dir"}),
+        **s.model_dump(exclude={"host", "port", "ingress", "app_name", "route_prefix", "index_dir"}),
         "model": str(model), "model_name": s.model_name or name or _default_name(model), "dtype": cfg.model.dtype,
         "device": cfg.model.device, "max_length": None,
         "index_dir": str(Path(index_dir).resolve()) if index_dir else None, "log_level": log_level,
@@ -128,10 +128,103 @@ def example_curl(cfg, with_search: bool) -> str:
     return "\n".join(lines)
 
 
+def _serve_running() -> bool:
+    """Whether a Serve controller already runs on the connected Ray (then Serve's options can't be changed)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def use_direct_ingress(cfg, address: str | None) -> bool:
+    """serve.ingress resolved: auto is direct for one replica on a local Ray where Serve isn't running yet."""
+    mode = cfg.serve.ingress
+    if mode == "proxy":
+        return False
+    running = _serve_running()
+    if mode == "direct":
+        if running:
+            raise RuntimeError("serve.ingress=direct needs to start Ray Serve itself, but Serve already runs on this "
+                               "Ray cluster (`serve shutdown` first, or use serve.ingress=proxy)")
+        return True
+    return cfg.serve.max_replicas == 1 and not address and not running
+
+
+def _check_port_free(host: str, port: int, wait_s: float = 70.0) -> None:
+    """Raise a clear error when host:port can't be bound as Serve's direct-ingress server binds it (no
+    SO_REUSEADDR). A port nothing listens on but that a server closed within the last minute (its connections in
+    TIME_WAIT) frees itself: wait for it rather than fail a restart."""
+    import socket
+
+    bind = "127.0.0.1" if host in ("localhost",) else host
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    t0, told = time.perf_counter(), False
+    while True:
+        with socket.socket(family) as s:
+            try:
+                s.bind((bind, port))
+                return
+            except OSError as e:
+                err = e.strerror
+        with socket.socket(family) as c:
+            c.settimeout(2)
+            listening = c.connect_ex(("127.0.0.1" if bind in ("0.0.0.0", "::") else bind, port)) == 0
+        if listening or time.perf_counter() - t0 > wait_s:
+            raise RuntimeError(f"serve.port={port} on {host} is not free ({err}{': something listens there' if listening else ''}): "
+                               "stop it or pick another port (--port)")
+        if not told:
+            log.info("serve.port=%d: connections of a server that just stopped are closing (TIME_WAIT); waiting up "
+                     "to %.0f s for the port", port, wait_s)
+            told = True
+        time.sleep(1.0)
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    bind = "127.0.0.1" if host in ("localhost",) else host
+    with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET) as s:
+        s.bind((bind, 0))
+        return s.getsockname()[1]
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Ray Serve's direct-ingress flags (Ray 2.60 reads them from the controller's and the replica's environment):
+    the ingress replica runs its own HTTP server on ``port``; no drain wait on shutdown and no quarantine of the
+    port when a replica stops (both exist for a load balancer in front, which a local server doesn't have: a
+    replica that replaces a crashed one takes the port at once)."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            # Serve's port pool is range(min, max): the upper end is excluded
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+            "RAY_SERVE_PORT_QUARANTINE_S": "0"}
+
+
+def _wait_http(url: str, timeout_s: float) -> bool:
+    import urllib.request
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return True
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def start(cfg, target: str, corpus: str | None = None, *, log_level: str = "INFO", show_progress: bool = True,
           address: str | None = None) -> dict[str, Any]:
-    """Deploy on Ray (a local one on 127.0.0.1 unless ``address``) and return ``{url, args, index}``; the
-    application keeps running after this returns (``serve.shutdown()`` stops it)."""
+    """Deploy on Ray (a local one on 127.0.0.1 unless ``address``) and return ``{url, args, index, ingress}``;
+    the application keeps running after this returns (``serve.shutdown()`` stops it).
+
+    With direct ingress (``serve.ingress``) the replica answers on host:port itself and Serve's proxy, which Ray
+    still starts as a fallback, listens on a free port of the same host."""
     import ray
     from ray import serve
 
@@ -154,7 +247,23 @@ def start(cfg, target: str, corpus: str | None = None, *, log_level: str = "INFO
     alias = target if run_dir is None and not Path(target).expanduser().exists() else None
     args = app_args(cfg, model, folder, log_level, name=alias)
     t0 = time.perf_counter()
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    host, port = cfg.serve.host, cfg.serve.port
+    if use_direct_ingress(cfg, address):
+        _check_port_free(host, port)
+        env = direct_ingress_env(port)
+        args["replica_env"] = env
+        proxy_port = _free_port(host)
+        serve.start(http_options={"host": host, "port": proxy_port},
+                    controller_options={"runtime_env": {"env_vars": env}})
+        ingress = {"mode": "direct", "port": port, "proxy_port": proxy_port}
+    else:
+        serve.start(http_options={"host": host, "port": port})
+        ingress = {"mode": "proxy", "port": port}
     serve.run(build_app(args), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix, blocking=False)
-    log.info("application %r up in %.1f s", cfg.serve.app_name, time.perf_counter() - t0)
-    return {"url": url_of(cfg), "args": args, "index": index_meta}
+    url = url_of(cfg)
+    if ingress["mode"] == "direct" and not _wait_http(f"{url}/health", 60.0):
+        raise RuntimeError(f"serve.ingress=direct: the replica does not answer on {url} (its log is in Ray's session "
+                           "folder, logs/serve/); serve.ingress=proxy puts Serve's proxy there instead")
+    log.info("application %r up in %.1f s at %s (%s ingress)", cfg.serve.app_name, time.perf_counter() - t0, url,
+             ingress["mode"])
+    return {"url": url, "args": args, "index": index_meta, "ingress": ingress}
