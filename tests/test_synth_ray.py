@@ -114,16 +114,18 @@ def test_synthesize_writes_mined_and_synthetic_negatives(ray_local, tiny_llama_d
 
 
 def test_in_process_engine_fails_only_the_row_it_rejects(ray_local, tiny_llama_dir):
-    """A prompt longer than max_model_len is one engine error; the other rows of its batch are generated."""
+    """A prompt longer than max_model_len is one engine error; the other rows of its batch are generated. Two
+    calls run at once in the actor (max_concurrent_batches=2), both feeding the one engine."""
     import ray.data
 
     from stm_ray.config import SynthConfig
     from stm_ray.synth.llm import PASSTHROUGH, build_vllm_processor
 
     cfg = SynthConfig(generator=tiny_llama_dir, vllm_runner="in_process", max_new_tokens=8, max_model_len=256,
-                      max_num_seqs=4, batch_size=4, max_concurrent_batches=1, prompt_max_chars=100_000)
+                      max_num_seqs=4, batch_size=2, max_concurrent_batches=2, prompt_max_chars=100_000)
     rows = []
-    for i, positive in enumerate(["cholera is an infection", "word " * 2000, "typhoid fever", "a fracture"]):
+    for i, positive in enumerate(["cholera is an infection", "word " * 2000, "typhoid fever", "a fracture",
+                                  "anemia", "gout", "asthma", "a sprain"]):
         row = {c: "" for c in PASSTHROUGH}
         row.update(kind="negative", key=f"k{i}", gen=0, shard=0, query=f"query {i}", positive=positive,
                    instruction="Given a query, retrieve passages", mined_negatives=[], mined_sources=[],
@@ -132,7 +134,66 @@ def test_in_process_engine_fails_only_the_row_it_rejects(ray_local, tiny_llama_d
     out = {r["key"]: r for r in build_vllm_processor(cfg, tiny_llama_dir, use_gpu=False)(
         ray.data.from_items(rows)).take_all()}
     assert out["k1"]["engine_error"] and out["k1"]["gen_tokens"] == 0
-    assert all(out[k]["engine_error"] == "" and out[k]["gen_tokens"] > 0 for k in ("k0", "k2", "k3"))
+    assert sorted(out) == [f"k{i}" for i in range(8)]
+    assert all(out[k]["engine_error"] == "" and out[k]["gen_tokens"] > 0 for k in out if k != "k1")
+
+
+def test_in_process_engine_takes_the_next_call_before_the_last_one_drains(ray_local, tiny_llama_dir):
+    """Two calls at once in one actor feed one engine: the second call's rows join the engine while the first call's
+    are still generating (more unfinished requests than one call has), and each call gets its own rows back."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def run() -> tuple[int, list[list[dict]]]:
+        import threading
+
+        import pyarrow as pa
+
+        from stm_ray.config import SynthConfig
+        from stm_ray.synth.llm import PASSTHROUGH, InProcessVLLM, vllm_engine_kwargs
+
+        cfg = SynthConfig(generator=tiny_llama_dir, max_new_tokens=24, max_model_len=256, max_num_seqs=8,
+                          batch_size=4, temperature=0.0)
+        udf = InProcessVLLM(cfg, tiny_llama_dir, vllm_engine_kwargs(cfg, False, tiny_llama_dir, check=False),
+                            False, 64, threads=1)
+        engine, seen, first_step = udf.llm.llm_engine, [], threading.Event()
+        real_step = engine.step
+
+        def step():  # the real step, watched: how many requests the engine holds each time
+            seen.append(engine.get_num_unfinished_requests())
+            first_step.set()
+            return real_step()
+
+        engine.step = step
+        batches = []
+        for b in range(2):
+            rows = []
+            for i in range(4):
+                row = {c: "" for c in PASSTHROUGH}
+                row.update(kind="negative", key=f"b{b}r{i}", gen=0, shard=0, query=f"query {b} {i}",
+                           positive=f"a passage about disease {b * 4 + i}", instruction="Given a query, retrieve",
+                           mined_negatives=[], mined_sources=[], false_negatives_dropped=0)
+                rows.append(row)
+            batches.append(pa.Table.from_pylist(rows))
+        out: list = [None, None]
+
+        def call(i: int) -> None:
+            if i == 1:
+                first_step.wait(60)  # the first call is generating
+            out[i] = udf(batches[i]).to_pylist()
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        return max(seen), out
+
+    most, out = ray.get(run.remote())
+    assert most > 4, f"the engine never held both calls' rows (at most {most} unfinished)"
+    for b in range(2):
+        assert [r["key"] for r in out[b]] == [f"b{b}r{i}" for i in range(4)]
+        assert all(r["engine_error"] == "" and r["gen_tokens"] > 0 for r in out[b])
 
 
 def _cli(args: list[str], log_path: Path) -> subprocess.Popen:

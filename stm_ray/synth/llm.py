@@ -106,18 +106,23 @@ class InProcessVLLM:
     """Ray Data UDF: one ``vllm.LLM`` per actor with its engine core in the actor's own process.
 
     ray.data.llm's stage runs vLLM's ``AsyncLLM``, which always keeps the engine core in a second process; on a CPU
-    the two processes' polling takes cores the model needs (bench_synthesis: ~1.7x tokens/s in one process). Each
-    call generates a whole batch (``synth.batch_size`` x ``synth.max_concurrent_batches`` rows, as many as the
-    processor keeps in flight) and returns the processor's columns: the passthrough ones, ``generated``,
+    the two processes' polling takes cores the model needs (bench_synthesis: ~1.7x tokens/s in one process). As in
+    that stage, a call takes ``synth.batch_size`` rows and the actor runs ``synth.max_concurrent_batches`` calls at
+    once (threads), all feeding the one engine: a call adds its rows to the engine and steps it until they are
+    done, and rows of the next call join the running batch while the previous call's last sequences finish, so the
+    engine never drains between calls. Returns the processor's columns: the passthrough ones, ``generated``,
     ``gen_tokens`` and ``engine_error`` (a row the engine rejects is marked, never fatal, and fails alone).
     """
 
     def __init__(self, cfg: SynthConfig, model_source: str, engine_kwargs: dict[str, Any], use_gpu: bool,
                  query_max_tokens: int, threads: int = 1) -> None:
+        import queue
+        import threading
+
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine is built: core in this process
         if not use_gpu:
             # Ray sets OMP_NUM_THREADS to the actor's CPU request (1). Set before torch loads, it is every thread's
-            # OpenMP default: Ray Data calls the UDF from another thread than this one, and vLLM's CPU kernels
+            # OpenMP default: Ray Data calls the UDF from other threads than this one, and vLLM's CPU kernels
             # (attention, sampling) take their threads from OpenMP, not from torch.set_num_threads
             os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
         import torch
@@ -127,6 +132,9 @@ class InProcessVLLM:
             torch.set_num_threads(max(1, threads))
         self.llm = LLM(model=model_source, **{"distributed_executor_backend": "uni", **engine_kwargs})
         self.cfg, self.use_gpu, self.query_max_tokens = cfg, use_gpu, query_max_tokens
+        self._lock = threading.Lock()  # the engine is stepped and fed by one thread at a time
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # calls waiting for their rows to be added
+        self._finished: dict[str, Any] = {}  # request id -> finished output, until its call collects it
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -140,21 +148,66 @@ class InProcessVLLM:
                    .append_column("gen_tokens", pa.array(tokens, pa.int64()))
                    .append_column("engine_error", pa.array(errors, pa.string())))
 
-    def _generate(self, rows: list[dict[str, Any]], sampling_params) -> list[tuple[str, int, str]]:
-        """(text, tokens, error) per row. A failed call is split in halves until the failing rows are alone, as
-        ray.data.llm's should_continue_on_error fails only the bad row (a prompt longer than max_model_len fails
-        when it is added, before any generation, so the split costs little)."""
+    @staticmethod
+    def _key(request_id: str) -> str:
+        # LLM.enqueue_chat returns the engine's internal ids ("<n>-<random>"); outputs carry the external "<n>"
+        return request_id.rsplit("-", 1)[0]
+
+    def _add(self, job: dict[str, Any]) -> None:
+        """Add a call's rows to the engine (lock held). A rejected batch (vLLM adds all or none) is added row by row,
+        so only the rows the engine refuses (a prompt over max_model_len) fail."""
         try:
-            params = [sampling_params(**_sampling(self.cfg, r, seeded=self.use_gpu,
-                                                  query_max_tokens=self.query_max_tokens)) for r in rows]
-            outs = self.llm.chat([messages_for(r, self.cfg.prompt_max_chars) for r in rows], params, use_tqdm=False)
-            return [(o.outputs[0].text, len(o.outputs[0].token_ids), "") if o.outputs else ("", 0, "no output")
-                    for o in outs]
-        except Exception as e:  # noqa: BLE001 - rows are marked, never fatal
-            if len(rows) == 1:
-                return [("", 0, f"{type(e).__name__}: {e}"[:300])]
-            half = len(rows) // 2
-            return self._generate(rows[:half], sampling_params) + self._generate(rows[half:], sampling_params)
+            job["ids"] = [self._key(r) for r in self.llm.enqueue_chat(job["messages"], job["params"], use_tqdm=False)]
+        except Exception:  # noqa: BLE001 - retried row by row below
+            ids = []
+            for m, p in zip(job["messages"], job["params"], strict=True):
+                try:
+                    ids.append(self._key(self.llm.enqueue_chat([m], [p], use_tqdm=False)[0]))
+                except Exception as e:  # noqa: BLE001 - the row is marked, never fatal
+                    ids.append(RuntimeError(f"{type(e).__name__}: {e}"[:300]))
+            job["ids"] = ids
+        job["added"].set()
+
+    def _generate(self, rows: list[dict[str, Any]], sampling_params) -> list[tuple[str, int, str]]:
+        """(text, tokens, error) per row."""
+        import threading
+
+        params = [sampling_params(**_sampling(self.cfg, r, seeded=self.use_gpu, query_max_tokens=self.query_max_tokens))
+                  for r in rows]
+        job = {"messages": [messages_for(r, self.cfg.prompt_max_chars) for r in rows], "params": params,
+               "ids": None, "added": threading.Event()}
+        self._inbox.put(job)
+        results: list[tuple[str, int, str] | None] = [None] * len(rows)
+        pending: dict[str, int] | None = None
+        while pending is None or pending:
+            with self._lock:
+                # whoever holds the engine adds every waiting call's rows before its next step, ours included
+                while not self._inbox.empty():
+                    self._add(self._inbox.get_nowait())
+                if pending is None:
+                    job["added"].wait()
+                    pending = {}
+                    for i, rid in enumerate(job["ids"]):
+                        if isinstance(rid, Exception):
+                            results[i] = ("", 0, str(rid))
+                        else:
+                            pending[rid] = i
+                for rid in [r for r in pending if r in self._finished]:
+                    o = self._finished.pop(rid)
+                    results[pending.pop(rid)] = ((o.outputs[0].text, len(o.outputs[0].token_ids), "") if o.outputs
+                                                 else ("", 0, "no output"))
+                if not pending:
+                    break
+                try:
+                    outs = self.llm.llm_engine.step()
+                except Exception as e:  # noqa: BLE001 - an engine failure marks this call's rows, never fatal
+                    for i in pending.values():
+                        results[i] = ("", 0, f"{type(e).__name__}: {e}"[:300])
+                    break
+                for o in outs:
+                    if o.finished:
+                        self._finished[o.request_id] = o
+        return results  # type: ignore[return-value]
 
 
 def build_in_process_generator(cfg: SynthConfig, model_source: str, *, use_gpu: bool, check_memory: bool = True,
@@ -170,10 +223,17 @@ def build_in_process_generator(cfg: SynthConfig, model_source: str, *, use_gpu: 
     threads = cfg.cpu_threads or max(1, _node_cpus() // cfg.concurrency[1])
 
     def generate(ds):
+        from ray.data import ActorPoolStrategy
+
+        # each actor runs max_concurrent_batches calls at once (threads, not serialised by Ray Data: the UDF
+        # orders its engine access itself), all feeding its one engine
+        pool = ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1],
+                                 max_concurrent_calls_per_actor=cfg.max_concurrent_batches,
+                                 enable_true_multi_threading=True)
         return ds.map_batches(InProcessVLLM, fn_constructor_kwargs={
             "cfg": cfg, "model_source": model_source, "engine_kwargs": kwargs, "use_gpu": use_gpu,
-            "query_max_tokens": query_max_tokens, "threads": threads}, batch_size=cfg.batch_size * cfg.max_concurrent_batches,
-            batch_format="pyarrow", concurrency=tuple(cfg.concurrency), **resources)
+            "query_max_tokens": query_max_tokens, "threads": threads}, batch_size=cfg.batch_size,
+            batch_format="pyarrow", compute=pool, **resources)
 
     return generate
 
