@@ -13,9 +13,12 @@ few steps for every trainer alike (start-up is reported separately as wall time)
 
 Goals (issue 7): B/A >= 1.0 and D/C >= 1.0 (at least as fast as sentence-transformers); E/D >= 0.9.
 
-    python benchmarks/bench_train.py [--steps 40] [--batch-size 32]
+    python benchmarks/bench_train.py [--steps 40] [--batch-size 32] [--profile]
 
-Writes benchmarks/results/bench_train.json.
+Writes benchmarks/results/bench_train.json. ``--profile`` runs A-D once more under py-spy (sampling the training
+process's Python stacks, 50 Hz, from the fourth step for 30 s: this process for sentence-transformers, the Ray
+Train worker for stm-ray) and adds a per-step breakdown (forward, backward, optimizer, tokenization, data, other;
+share of samples times the mean step time) to the results JSON: where the per-step gap between the trainers is.
 """
 
 from __future__ import annotations
@@ -64,7 +67,61 @@ def build_rows(n: int, seed: int = 0) -> list[dict]:
     return rows[:n]
 
 
-def run_st(rows: list[dict], steps: int, batch: int, lora: bool) -> dict:
+PHASES = (  # first match wins, tested on the whole stack (root to leaf) of a sample
+    ("backward", ("run_backward", "backward (torch/", "torch/autograd/")),
+    ("optimizer", ("torch/optim/", "clip_grad", "scheduler", "zero_grad")),
+    ("tokenize", ("tokeniz",)),
+    ("forward", ("forward (", "_call_impl", "_wrapped_call_impl")),
+    ("data", ("dataloader", "collate", "datasets/", "pyarrow", "fetch (", "sampler")),
+)
+
+
+def phase_of(stack: str) -> str:
+    for name, marks in PHASES:
+        if any(m in stack for m in marks):
+            return name
+    return "other"
+
+
+class Spy:
+    """py-spy on a process: ``start(pid)`` records ``seconds`` of Python stacks (nonblocking: the process is not
+    paused) into collapsed form; ``breakdown()`` gives each phase's share of the samples of the training thread(s)."""
+
+    def __init__(self, out: Path, seconds: int = 30, rate: int = 50) -> None:
+        self.out, self.seconds, self.rate, self.proc = out, seconds, rate, None
+
+    def start(self, pid: int) -> None:
+        import shutil
+        import subprocess
+
+        exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        self.proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(self.seconds), "--rate",
+                                      str(self.rate), "--format", "raw", "--nonblocking", "--threads", "-o",
+                                      str(self.out)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def breakdown(self) -> dict:
+        if self.proc is None:
+            return {}
+        self.proc.wait(self.seconds + 60)
+        per_thread: dict[str, dict[str, int]] = {}
+        for line in self.out.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            if not stack or not n.isdigit():
+                continue
+            thread = stack.split(";", 1)[0]  # --threads: the first frame names the thread
+            phases = per_thread.setdefault(thread, {})
+            phases[phase_of(stack)] = phases.get(phase_of(stack), 0) + int(n)
+        if not per_thread:
+            return {"samples": 0, "share": {}}
+        # the training thread is the busiest one (Ray's and the loaders' helper threads are mostly idle)
+        counts = max(per_thread.values(), key=lambda c: sum(c.values()))
+        total = sum(counts.values()) or 1
+        return {"samples": total, "threads_seen": len(per_thread),
+                "share": {k: round(v / total, 4) for k, v in sorted(counts.items())}}
+
+
+def run_st(rows: list[dict], steps: int, batch: int, lora: bool, spy: Spy | None = None) -> dict:
     import torch
     from datasets import Dataset
     from sentence_transformers import (
@@ -90,6 +147,8 @@ def run_st(rows: list[dict], steps: int, batch: int, lora: bool) -> dict:
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter())
+            if spy is not None and len(times) == SKIP + 1:
+                spy.start(os.getpid())
 
     data = Dataset.from_list([{"anchor": r["query"], "positive": r["positive"], "negative": r["negatives"][0]}
                               for r in rows])
@@ -102,10 +161,34 @@ def run_st(rows: list[dict], steps: int, batch: int, lora: bool) -> dict:
     trainer.train()
     wall = time.perf_counter() - t0
     dts = [b - a for a, b in zip(times[SKIP - 1:], times[SKIP:])]
-    return {"samples_per_s": batch * len(dts) / sum(dts), "wall_s": wall, "steps": len(times)}
+    out = {"samples_per_s": batch * len(dts) / sum(dts), "wall_s": wall, "steps": len(times)}
+    if spy is not None:
+        out["profile"] = {**spy.breakdown(), "step_s": sum(dts) / len(dts)}
+    return out
 
 
-def run_ours(shards: Path, steps: int, batch: int, lora: bool, workers: int, run_dir: Path) -> dict:
+def _spy_on_train_worker(spy: Spy, batch: int) -> None:
+    """Start ``spy`` on the Ray Train worker once it has done SKIP steps (estimated: it appears, then ~SKIP steps
+    at the expected pace)."""
+    import threading
+
+    import psutil
+
+    def watch() -> None:
+        t0 = time.time()
+        while time.time() - t0 < 600:
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                if any("RayTrainWorker" in c for c in (p.info["cmdline"] or [])):
+                    time.sleep(25 + SKIP * batch / 15)  # model load + warm-up steps at ~15 samples/s
+                    spy.start(p.info["pid"])
+                    return
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def run_ours(shards: Path, steps: int, batch: int, lora: bool, workers: int, run_dir: Path,
+             spy: Spy | None = None) -> dict:
     import json
 
     from stm_ray.config import load_config
@@ -120,12 +203,35 @@ def run_ours(shards: Path, steps: int, batch: int, lora: bool, workers: int, run
     if not lora:
         overrides.append("train.lora=null")
     cfg = load_config(None, overrides)
+    if spy is not None:
+        _spy_on_train_worker(spy, batch)
     t0 = time.perf_counter()
     [res] = train_experts(cfg, show_progress=False)
     wall = time.perf_counter() - t0
     secs = json.loads((Path(res.path) / "metrics.json").read_text())["step_seconds"]
     dts = secs[SKIP:]
-    return {"samples_per_s": batch * len(dts) / sum(dts), "wall_s": wall, "steps": res.steps}
+    out = {"samples_per_s": batch * len(dts) / sum(dts), "wall_s": wall, "steps": res.steps}
+    if spy is not None:
+        out["profile"] = {**spy.breakdown(), "step_s": sum(dts) / len(dts)}
+    return out
+
+
+def merge_profile(profile: dict) -> Path:
+    """Put a --profile-only run's breakdown into results/bench_train.json (its date recorded; the file's claims and
+    throughput figures stay those of the last full run)."""
+    import datetime as dt
+    import json
+
+    from _common import RESULTS, scrub_paths
+
+    from stm_ray.utils import atomic_write_text
+
+    out = RESULTS / "bench_train.json"
+    data = json.loads(out.read_text()) if out.is_file() else {"script": Path(__file__).name, "figures": {}, "claims": []}
+    data["figures"]["profile"] = scrub_paths(profile)
+    data["figures"]["profile_measured"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    atomic_write_text(out, json.dumps(data, indent=2) + "\n")
+    return out
 
 
 def main() -> int:
@@ -133,6 +239,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench" / "bench_train"))
+    ap.add_argument("--profile", action="store_true", help="also run A-D under py-spy: per-step phase breakdown")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="only the profile (A-D under py-spy, ~8 min): added to results/bench_train.json as "
+                         "'profile', with its own date, next to the last full run's claims")
     args = ap.parse_args()
 
     import shutil
@@ -151,6 +261,24 @@ def main() -> int:
     print(f"{len(rows)} icd10 training rows, batch {args.batch_size}, {args.steps} steps, {os.cpu_count()} CPU threads")
     init_local_ray(num_cpus=os.cpu_count() or 2, object_store_memory=1 << 30,
                    runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+
+    profile: dict[str, dict] = {}
+    if args.profile or args.profile_only:
+        spies = {k: Spy(work / f"{k}.spy.txt") for k in ("A", "B", "C", "D")}
+        profile["A_st_full"] = run_st(rows, args.steps, args.batch_size, False, spies["A"])
+        profile["B_ours_full_1w"] = run_ours(shards, args.steps, args.batch_size, False, 1, work / "pB", spies["B"])
+        profile["C_st_lora"] = run_st(rows, args.steps, args.batch_size, True, spies["C"])
+        profile["D_ours_lora_1w"] = run_ours(shards, args.steps, args.batch_size, True, 1, work / "pD", spies["D"])
+        phases = [p for p, _ in PHASES] + ["other"]
+        print(f"\nper-step breakdown under py-spy (ms per step; share of the training thread's samples)\n"
+              f"{'run':16s} {'step ms':>8s}" + "".join(f"{p:>11s}" for p in phases))
+        for k, v in profile.items():
+            pr = v["profile"]
+            print(f"{k:16s} {1000 * pr['step_s']:8.0f}" + "".join(
+                f"{1000 * pr['step_s'] * pr['share'].get(p, 0):11.0f}" for p in phases))
+        if args.profile_only:
+            print(f"wrote {merge_profile(profile)} (its throughput claims are the last full run's)")
+            return 0
 
     r: dict[str, dict] = {}
     r["A_st_full"] = run_st(rows, args.steps, args.batch_size, lora=False)
@@ -173,7 +301,8 @@ def main() -> int:
               claim("stm-ray / sentence-transformers samples/s, LoRA", round(dc, 3), ">= 1.0", dc >= 1.0),
               claim("2 workers / 1 worker samples/s at the same CPU threads", round(ed, 3), ">= 0.9", ed >= 0.9)]
     out = write_results(__file__, {"steps": args.steps, "batch_size": args.batch_size, "runs": r,
-                                   "ratios": {"full": ba, "lora": dc, "two_vs_one_worker": ed}}, claims)
+                                   "ratios": {"full": ba, "lora": dc, "two_vs_one_worker": ed},
+                                   **({"profile": profile} if profile else {})}, claims)
     print(f"wrote {out}")
     return 0
 
