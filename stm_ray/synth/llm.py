@@ -108,11 +108,10 @@ class InProcessVLLM:
     ray.data.llm's stage runs vLLM's ``AsyncLLM``, which always keeps the engine core in a second process; on a CPU
     the two processes' polling takes cores the model needs (bench_synthesis: ~1.7x tokens/s in one process). As in
     that stage, a call takes ``synth.batch_size`` rows and the actor runs ``synth.max_concurrent_batches`` calls at
-    once (threads), all feeding the one engine, which one thread of the actor steps: it adds every waiting call's
-    rows before its next step, so the next call's rows join the running batch while the previous call's last
-    sequences finish and the engine never drains between calls (one stepping thread: one OpenMP team computes).
-    Returns the processor's columns: the passthrough ones, ``generated``, ``gen_tokens`` and ``engine_error`` (a row
-    the engine rejects is marked, never fatal, and fails alone).
+    once (threads), all feeding the one engine: a call adds its rows to the engine and steps it until they are
+    done, and rows of the next call join the running batch while the previous call's last sequences finish, so the
+    engine never drains between calls. Returns the processor's columns: the passthrough ones, ``generated``,
+    ``gen_tokens`` and ``engine_error`` (a row the engine rejects is marked, never fatal, and fails alone).
     """
 
     def __init__(self, cfg: SynthConfig, model_source: str, engine_kwargs: dict[str, Any], use_gpu: bool,
@@ -123,7 +122,7 @@ class InProcessVLLM:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine is built: core in this process
         if not use_gpu:
             # Ray sets OMP_NUM_THREADS to the actor's CPU request (1). Set before torch loads, it is every thread's
-            # OpenMP default: the engine is stepped by another thread than this one, and vLLM's CPU kernels
+            # OpenMP default: Ray Data calls the UDF from other threads than this one, and vLLM's CPU kernels
             # (attention, sampling) take their threads from OpenMP, not from torch.set_num_threads
             os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
         import torch
@@ -133,8 +132,9 @@ class InProcessVLLM:
             torch.set_num_threads(max(1, threads))
         self.llm = LLM(model=model_source, **{"distributed_executor_backend": "uni", **engine_kwargs})
         self.cfg, self.use_gpu, self.query_max_tokens = cfg, use_gpu, query_max_tokens
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # calls whose rows wait to be added
-        threading.Thread(target=self._engine_loop, name="vllm-engine", daemon=True).start()
+        self._lock = threading.Lock()  # the engine is stepped and fed by one thread at a time
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # calls waiting for their rows to be added
+        self._finished: dict[str, Any] = {}  # request id -> finished output, until its call collects it
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -148,75 +148,66 @@ class InProcessVLLM:
                    .append_column("gen_tokens", pa.array(tokens, pa.int64()))
                    .append_column("engine_error", pa.array(errors, pa.string())))
 
+    @staticmethod
+    def _key(request_id: str) -> str:
+        # LLM.enqueue_chat returns the engine's internal ids ("<n>-<random>"); outputs carry the external "<n>"
+        return request_id.rsplit("-", 1)[0]
+
+    def _add(self, job: dict[str, Any]) -> None:
+        """Add a call's rows to the engine (lock held). A rejected batch (vLLM adds all or none) is added row by row,
+        so only the rows the engine refuses (a prompt over max_model_len) fail."""
+        try:
+            job["ids"] = [self._key(r) for r in self.llm.enqueue_chat(job["messages"], job["params"], use_tqdm=False)]
+        except Exception:  # noqa: BLE001 - retried row by row below
+            ids = []
+            for m, p in zip(job["messages"], job["params"], strict=True):
+                try:
+                    ids.append(self._key(self.llm.enqueue_chat([m], [p], use_tqdm=False)[0]))
+                except Exception as e:  # noqa: BLE001 - the row is marked, never fatal
+                    ids.append(RuntimeError(f"{type(e).__name__}: {e}"[:300]))
+            job["ids"] = ids
+        job["added"].set()
+
     def _generate(self, rows: list[dict[str, Any]], sampling_params) -> list[tuple[str, int, str]]:
-        """(text, tokens, error) per row: hands the rows to the engine thread and waits for them."""
+        """(text, tokens, error) per row."""
         import threading
 
         params = [sampling_params(**_sampling(self.cfg, r, seeded=self.use_gpu, query_max_tokens=self.query_max_tokens))
                   for r in rows]
         job = {"messages": [messages_for(r, self.cfg.prompt_max_chars) for r in rows], "params": params,
-               "results": [None] * len(rows), "pending": len(rows), "done": threading.Event()}
-        if not rows:
-            return []
+               "ids": None, "added": threading.Event()}
         self._inbox.put(job)
-        job["done"].wait()
-        return job["results"]
-
-    @staticmethod
-    def _finish(job: dict[str, Any], i: int, result: tuple[str, int, str]) -> None:
-        job["results"][i] = result
-        job["pending"] -= 1
-        if job["pending"] == 0:
-            job["done"].set()
-
-    def _add(self, job: dict[str, Any], owner: dict[str, tuple[dict, int]]) -> None:
-        """Add a call's rows to the engine. vLLM adds a call's rows all or none: a refused call is added row by
-        row, so only the rows the engine refuses (a prompt over max_model_len) fail."""
-        def key(request_id: str) -> str:  # enqueue_chat returns internal ids "<n>-<random>"; outputs carry "<n>"
-            return request_id.rsplit("-", 1)[0]
-
-        try:
-            ids = self.llm.enqueue_chat(job["messages"], job["params"], use_tqdm=False)
-            for i, rid in enumerate(ids):
-                owner[key(rid)] = (job, i)
-            return
-        except Exception:  # noqa: BLE001 - retried row by row below
-            pass
-        for i, (m, p) in enumerate(zip(job["messages"], job["params"], strict=True)):
-            try:
-                owner[key(self.llm.enqueue_chat([m], [p], use_tqdm=False)[0])] = (job, i)
-            except Exception as e:  # noqa: BLE001 - the row is marked, never fatal
-                self._finish(job, i, ("", 0, f"{type(e).__name__}: {e}"[:300]))
-
-    def _engine_loop(self) -> None:
-        import queue
-
-        engine = self.llm.llm_engine
-        owner: dict[str, tuple[dict, int]] = {}  # request id -> (its call, row index)
-        while True:
-            try:
-                # idle: block until a call comes; busy: take whatever waits, then step
-                jobs = [self._inbox.get(block=not owner)]
-            except queue.Empty:
-                jobs = []
-            while not self._inbox.empty():
-                jobs.append(self._inbox.get_nowait())
-            for job in jobs:
-                self._add(job, owner)
-            if not owner:
-                continue
-            try:
-                outs = engine.step()
-            except Exception as e:  # noqa: BLE001 - an engine failure marks the rows in flight, never fatal
-                for job, i in owner.values():
-                    self._finish(job, i, ("", 0, f"{type(e).__name__}: {e}"[:300]))
-                owner.clear()
-                continue
-            for o in outs:
-                if o.finished and o.request_id in owner:
-                    job, i = owner.pop(o.request_id)
-                    self._finish(job, i, (o.outputs[0].text, len(o.outputs[0].token_ids), "") if o.outputs
-                                 else ("", 0, "no output"))
+        results: list[tuple[str, int, str] | None] = [None] * len(rows)
+        pending: dict[str, int] | None = None
+        while pending is None or pending:
+            with self._lock:
+                # whoever holds the engine adds every waiting call's rows before its next step, ours included
+                while not self._inbox.empty():
+                    self._add(self._inbox.get_nowait())
+                if pending is None:
+                    job["added"].wait()
+                    pending = {}
+                    for i, rid in enumerate(job["ids"]):
+                        if isinstance(rid, Exception):
+                            results[i] = ("", 0, str(rid))
+                        else:
+                            pending[rid] = i
+                for rid in [r for r in pending if r in self._finished]:
+                    o = self._finished.pop(rid)
+                    results[pending.pop(rid)] = ((o.outputs[0].text, len(o.outputs[0].token_ids), "") if o.outputs
+                                                 else ("", 0, "no output"))
+                if not pending:
+                    break
+                try:
+                    outs = self.llm.llm_engine.step()
+                except Exception as e:  # noqa: BLE001 - an engine failure marks this call's rows, never fatal
+                    for i in pending.values():
+                        results[i] = ("", 0, f"{type(e).__name__}: {e}"[:300])
+                    break
+                for o in outs:
+                    if o.finished:
+                        self._finished[o.request_id] = o
+        return results  # type: ignore[return-value]
 
 
 def build_in_process_generator(cfg: SynthConfig, model_source: str, *, use_gpu: bool, check_memory: bool = True,
