@@ -110,8 +110,8 @@ class Spy:
             if not stack or not n.isdigit():
                 continue
             thread = stack.split(";", 1)[0]  # --threads: the first frame names the thread
-            phases = per_thread.setdefault(thread, {})
-            phases[phase_of(stack)] = phases.get(phase_of(stack), 0) + int(n)
+            phases, phase = per_thread.setdefault(thread, {}), phase_of(stack)
+            phases[phase] = phases.get(phase, 0) + int(n)
         if not per_thread:
             return {"samples": 0, "share": {}}
         # the training thread is the busiest one (Ray's and the loaders' helper threads are mostly idle)

@@ -154,14 +154,21 @@ def use_direct_ingress(cfg, address: str | None) -> bool:
     return cfg.serve.max_replicas == 1 and not address and not running
 
 
+def _bind_address(host: str) -> tuple[int, str]:
+    """(socket family, address) to bind for serve.host."""
+    import socket
+
+    bind = "127.0.0.1" if host == "localhost" else host
+    return (socket.AF_INET6 if ":" in bind else socket.AF_INET), bind
+
+
 def _check_port_free(host: str, port: int, wait_s: float = 70.0) -> None:
     """Raise a clear error when host:port can't be bound as Serve's direct-ingress server binds it (no
     SO_REUSEADDR). A port nothing listens on but that a server closed within the last minute (its connections in
     TIME_WAIT) frees itself: wait for it rather than fail a restart."""
     import socket
 
-    bind = "127.0.0.1" if host in ("localhost",) else host
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    family, bind = _bind_address(host)
     t0, told = time.perf_counter(), False
     while True:
         with socket.socket(family) as s:
@@ -186,8 +193,8 @@ def _check_port_free(host: str, port: int, wait_s: float = 70.0) -> None:
 def _free_port(host: str) -> int:
     import socket
 
-    bind = "127.0.0.1" if host in ("localhost",) else host
-    with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET) as s:
+    family, bind = _bind_address(host)
+    with socket.socket(family) as s:
         s.bind((bind, 0))
         return s.getsockname()[1]
 

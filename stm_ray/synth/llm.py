@@ -166,16 +166,13 @@ class InProcessVLLM:
                 except Exception as e:  # noqa: BLE001 - the row is marked, never fatal
                     ids.append(RuntimeError(f"{type(e).__name__}: {e}"[:300]))
             job["ids"] = ids
-        job["added"].set()
 
     def _generate(self, rows: list[dict[str, Any]], sampling_params) -> list[tuple[str, int, str]]:
         """(text, tokens, error) per row."""
-        import threading
-
         params = [sampling_params(**_sampling(self.cfg, r, seeded=self.use_gpu, query_max_tokens=self.query_max_tokens))
                   for r in rows]
         job = {"messages": [messages_for(r, self.cfg.prompt_max_chars) for r in rows], "params": params,
-               "ids": None, "added": threading.Event()}
+               "ids": None}
         self._inbox.put(job)
         results: list[tuple[str, int, str] | None] = [None] * len(rows)
         pending: dict[str, int] | None = None
@@ -184,8 +181,7 @@ class InProcessVLLM:
                 # whoever holds the engine adds every waiting call's rows before its next step, ours included
                 while not self._inbox.empty():
                     self._add(self._inbox.get_nowait())
-                if pending is None:
-                    job["added"].wait()
+                if pending is None:  # our rows were added by now: by us just above, or by another call's drain
                     pending = {}
                     for i, rid in enumerate(job["ids"]):
                         if isinstance(rid, Exception):
