@@ -9,6 +9,16 @@ It is `stm-ray run CONFIG --stages serve --no-block`: the CLI's own entry, with 
 application is up; the application keeps running on the cluster (`serve shutdown` or `serve delete stm-ray` stops
 it). For a long-lived service prefer a Serve config (`stm-ray serve RUN --write-config serve.yaml`, then
 `serve deploy serve.yaml`) or a KubeRay RayService.
+
+Where it listens is the caller's choice, never widened here: serve.host defaults to 127.0.0.1. Serve runs its HTTP
+proxy on every node, each bound to that same address, so on a cluster it must be one every node has:
+- keep loopback and reach the head through a tunnel (`ray attach clusters/aws.yaml -p 8000`, or
+  `kubectl port-forward` to the head pod), the safe default;
+- or pass serve.host=0.0.0.0 on purpose, with serve.token_env set, where the cluster's private network (security
+  group, firewall) is the boundary;
+- serve.host=<a node's address> fits a one-node cluster only: the proxies of the other nodes cannot bind it.
+A KubeRay RayService sets the address in its own Serve config instead (clusters/kuberay/rayservice.yaml: 0.0.0.0
+inside the pod, commented there).
 """
 
 from __future__ import annotations

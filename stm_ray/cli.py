@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 from stm_ray import __version__
+from stm_ray.storage import run_path
 
 EPILOG = """\
 Config files are YAML with one section per stage (data, model, synth, train, search, merge, eval, rerank, serve);
@@ -343,7 +345,7 @@ def cmd_evaluate(args) -> int:
     from stm_ray.eval import evaluate_tasks, results_table
 
     cfg = load_config(args.config, args.overrides)
-    _require_local_run_dir(cfg, args.command)
+    _hold_run_dir(cfg, args.command)
     if args.rerank:
         return _evaluate_reranked(cfg, args)
     results = evaluate_tasks(cfg, model=args.model, tasks=args.task, split=args.split, output=args.output,
@@ -384,7 +386,7 @@ def cmd_train_reranker(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _require_local_run_dir(cfg, args.command)
+    _hold_run_dir(cfg, args.command)
     if args.kind:
         have = [r.model_dump(mode="json") for r in cfg.rerank.rerankers]
         add = [RERANKER_PRESETS[k] for k in args.kind if k not in {r["name"] for r in have}]
@@ -393,7 +395,7 @@ def cmd_train_reranker(args) -> int:
     t0 = time.perf_counter()
     results = train_rerankers(cfg, shards=args.shards, only=args.only, show_progress=not args.no_progress)
     print("\n" + summary_table(results))
-    print(f"\n{len(results)} reranker(s) in {Path(cfg.run_dir) / 'rerankers'} ({time.perf_counter() - t0:.0f} s); "
+    print(f"\n{len(results)} reranker(s) in {run_path(cfg.run_dir) / 'rerankers'} ({time.perf_counter() - t0:.0f} s); "
           "each loads with sentence_transformers.CrossEncoder(path)")
     return 0
 
@@ -405,7 +407,7 @@ def cmd_synthesize(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _require_local_run_dir(cfg, args.command)
+    _hold_run_dir(cfg, args.command)
     result = synthesize(cfg, show_progress=not args.no_progress)
     print("\n" + summary_table(result))
     return 0
@@ -417,12 +419,12 @@ def cmd_queries(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _require_local_run_dir(cfg, args.command)
+    _hold_run_dir(cfg, args.command)
     if not docs_tasks(cfg):
         raise ConfigError("data.tasks has no docs: task (e.g. data.tasks=[docs:path/to/corpus.jsonl])")
     counts = synthesize_queries(cfg, show_progress=not args.no_progress)
     print("\n" + summary_table(counts))
-    print(f"\nsynthetic tasks in {Path(cfg.run_dir) / 'queries'} ({counts['seconds']:.0f} s)")
+    print(f"\nsynthetic tasks in {run_path(cfg.run_dir) / 'queries'} ({counts['seconds']:.0f} s)")
     return 0
 
 
@@ -432,10 +434,10 @@ def cmd_teacher(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _require_local_run_dir(cfg, args.command)
+    _hold_run_dir(cfg, args.command)
     c = teacher_scores(cfg, show_progress=not args.no_progress)
     print(f"\nteacher {c['kind']}: {c['rows_scored']} of {c['rows']} rows scored ({c['pairs']} pairs, "
-          f"{c['pairs_failed']} failed, {c['pairs_per_s'] or '-'} pairs/s) -> {Path(cfg.run_dir) / 'teacher'} "
+          f"{c['pairs_failed']} failed, {c['pairs_per_s'] or '-'} pairs/s) -> {run_path(cfg.run_dir) / 'teacher'} "
           f"({c['seconds']:.0f} s)")
     return 0
 
@@ -446,12 +448,12 @@ def cmd_train(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _require_local_run_dir(cfg, args.command)
+    _hold_run_dir(cfg, args.command)
     t0 = time.perf_counter()
     results = train_experts(cfg, shards=args.shards, only=args.expert, show_progress=not args.no_progress)
-    summary = json.loads((Path(cfg.run_dir) / "experts" / "summary.json").read_text())
+    summary = json.loads((run_path(cfg.run_dir) / "experts" / "summary.json").read_text())
     print("\n" + summary_table(results, (summary.get("base") or {}).get("dev_ndcg_at_10")))
-    print(f"\n{len(results)} expert(s) in {Path(cfg.run_dir) / 'experts'} ({time.perf_counter() - t0:.0f} s); "
+    print(f"\n{len(results)} expert(s) in {run_path(cfg.run_dir) / 'experts'} ({time.perf_counter() - t0:.0f} s); "
           f"resumed: {sum(1 for r in results if r.resumed_from)}, already done: {sum(1 for r in results if r.skipped)}")
     return 0
 
@@ -463,20 +465,20 @@ def cmd_tune_prompts(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _require_local_run_dir(cfg, args.command)
+    _hold_run_dir(cfg, args.command)
     if args.train:
         out = search_pool_size(cfg, shards=args.shards, show_progress=not args.no_progress)
         rows = [{"pool size": r["pool_size"], "dev NDCG@10": r["ndcg_at_10"], "Recall@10": r["recall_at_10"]}
                 for r in out["trials"] if "error" not in r]
         print("\n" + format_table(rows, ["pool size", "dev NDCG@10", "Recall@10"]))
-        print(f"\nbest pool size: {out['best']['pool_size']} -> {Path(cfg.run_dir) / 'search' / 'instruction_pools.json'}")
+        print(f"\nbest pool size: {out['best']['pool_size']} -> {run_path(cfg.run_dir) / 'search' / 'instruction_pools.json'}")
         return 0
     res = search_instructions(cfg, model=args.model, save=not args.no_save, show_progress=not args.no_progress)
     print("\n" + instruction_table(res))
     print(f"\nbest instruction: {res.instruction!r} (dev NDCG@10 {res.dev['ndcg_at_10']:.4f}; no instruction "
           f"{res.baseline.get('ndcg_at_10', float('nan')):.4f})")
     print(f"saved: {res.saved_to or 'not in the model folder (not a folder of this run)'}; "
-          f"results: {Path(cfg.run_dir) / 'search' / 'instructions.json'}")
+          f"results: {run_path(cfg.run_dir) / 'search' / 'instructions.json'}")
     return 0
 
 
@@ -486,7 +488,7 @@ def cmd_merge(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _require_local_run_dir(cfg, args.command)
+    _hold_run_dir(cfg, args.command)
     res = search_merge(cfg, show_progress=not args.no_progress)
     print("\nmean dev NDCG@10 (Recall@10 breaks ties):")
     print(merge_table(res))
@@ -497,13 +499,16 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _require_local_run_dir(cfg, command: str) -> None:
-    from stm_ray.config import ConfigError
-    from stm_ray.storage import is_remote
+_SESSIONS = contextlib.ExitStack()
 
-    if is_remote(cfg.run_dir):
-        raise ConfigError(f"run_dir {cfg.run_dir} is a URI: `stm-ray run` (jobs/pipeline.py) stages and mirrors it; "
-                          f"`stm-ray {command}` works on a folder (e.g. the staging folder, or a mounted bucket)")
+
+def _hold_run_dir(cfg, command: str) -> None:
+    """A command that works on a run directory holds it for its duration (:class:`stm_ray.storage.RunSession`:
+    the run's lock; for s3:// / gs://, its working copy fetched now and put back as it is written). ``main``
+    releases it."""
+    from stm_ray.storage import RunSession
+
+    _SESSIONS.enter_context(RunSession(cfg.run_dir))
 
 
 def _stage_list(text: str | None) -> list[str] | None:
@@ -577,12 +582,11 @@ def cmd_demo(args) -> int:
 
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = load_config(args.config or str(demo_config_path()), overrides)
-    _require_local_run_dir(cfg, args.command)
     t0 = time.perf_counter()
     manifest = run_pipeline(cfg, force=args.force, show_progress=not args.no_progress)
     print("\n" + pipeline_table(manifest, ndcg=False))  # the per-area table follows
-    print_summary(cfg.run_dir, Path(cfg.run_dir) / "report.md")
-    print(f"manifest: {Path(cfg.run_dir) / 'manifest.json'}; this invocation took {time.perf_counter() - t0:.0f} s")
+    print_summary(run_path(cfg.run_dir), run_path(cfg.run_dir) / "report.md")
+    print(f"manifest: {run_path(cfg.run_dir) / 'manifest.json'}; this invocation took {time.perf_counter() - t0:.0f} s")
     return 0
 
 
@@ -591,9 +595,11 @@ def cmd_report(args) -> int:
     from stm_ray.storage import is_remote
 
     if is_remote(args.run_dir):
-        raise SystemExit(f"stm-ray report: {args.run_dir} is a URI; give the local staging folder of the run")
-    path = write_report(args.run_dir)
-    print_summary(args.run_dir, path)
+        from stm_ray.storage import RunSession
+
+        _SESSIONS.enter_context(RunSession(args.run_dir))
+    path = write_report(run_path(args.run_dir))
+    print_summary(run_path(args.run_dir), path)
     return 0
 
 
@@ -611,10 +617,13 @@ def cmd_serve(args) -> int:
         serve_config_yaml,
         start,
     )
+    from stm_ray.storage import RunStore, is_remote
     from stm_ray.utils import atomic_write_text
 
     config = args.config
-    if config is None and (Path(args.target) / "config.yaml").is_file():
+    if config is None and is_remote(args.target) and RunStore(args.target).read_json("manifest.json"):
+        config = str(RunStore(args.target).fetch("config.yaml"))  # the run's own settings, as for a folder
+    elif config is None and (Path(args.target) / "config.yaml").is_file():
         config = str(Path(args.target) / "config.yaml")
     overrides = list(args.overrides)
     if args.host:
@@ -624,7 +633,6 @@ def cmd_serve(args) -> int:
     if args.reranker:
         overrides.append(f"serve.reranker={args.reranker}")
     cfg = load_config(config, overrides)
-    _require_local_run_dir(cfg, args.command)
     if args.write_config:
         model, run_dir = resolve_target(args.target)
         folder = index_folder(cfg, args.corpus, run_dir) if args.corpus else None
@@ -682,9 +690,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.log_level)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from stm_ray.storage import StoreError
+
     try:
-        return COMMANDS[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+        with _SESSIONS:
+            return COMMANDS[args.command](args)
+    except (ConfigError, DataError, FileNotFoundError, StoreError) as e:
         print(f"stm-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -638,11 +638,10 @@ class ServeConfig(_Frozen):
 class PipelineConfig(_Frozen):
     """The whole Synthesize-Train-Merge run: one section per stage plus the run directory."""
 
-    run_dir: str = Field("runs/default", description="Where every stage writes: a folder, or s3:// / gs:// (the "
-                                                     "pipeline stages it in staging_dir and mirrors it there).", json_schema_extra=RUNTIME)
-    staging_dir: str | None = Field(None, description="With an s3:// or gs:// run_dir: the folder the stages work in "
-                                                      "(a filesystem every node mounts on a multi-node cluster); "
-                                                      "None = $STM_RAY_STAGING or ~/.cache/stm-ray/staging.", json_schema_extra=RUNTIME)
+    run_dir: str = Field("runs/default", description="Where every stage writes: a folder, or s3:// / gs:// used "
+                                                     "directly (each node keeps a cache of what it fetched under "
+                                                     "$STM_RAY_CACHE/runs; no shared mount needed). Under `ray job "
+                                                     "submit` give an absolute path or a URI.", json_schema_extra=RUNTIME)
     data: DataConfig = Field(default_factory=DataConfig, description="Tasks and splits.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base retriever.")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthesis.")

@@ -36,6 +36,7 @@ from typing import Any
 
 from stm_ray.config import ConfigError, PipelineConfig, output_values
 from stm_ray.stage import forcing, recording, summarize
+from stm_ray.storage import run_path
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ class Manifest:
     """``<run_dir>/manifest.json``, rewritten atomically on every change."""
 
     def __init__(self, cfg: PipelineConfig):
-        self.path = Path(cfg.run_dir) / MANIFEST
+        from stm_ray.storage import run_path
+
+        self.path = run_path(cfg.run_dir) / MANIFEST
         self.fingerprint = config_fingerprint(cfg)
         old: dict[str, Any] = {}
         if self.path.is_file():
@@ -134,7 +137,7 @@ class EarlyEvaluation:
 
     def __init__(self, cfg: PipelineConfig) -> None:
         # a Ray worker's working directory need not be the driver's: the task gets the run directory's full path
-        self.cfg = cfg.model_copy(update={"run_dir": str(Path(cfg.run_dir).resolve())})
+        self.cfg = cfg.model_copy(update={"run_dir": str(run_path(cfg.run_dir).resolve())})
         self.refs: dict[str, Any] = {}
 
     def __call__(self, result) -> None:
@@ -195,7 +198,7 @@ def models_to_evaluate(cfg: PipelineConfig) -> dict[str, str]:
     from stm_ray.train.experts import current_experts
 
     out = {"base": cfg.model.name_or_path}
-    out.update({f"expert-{n}": p for n, p in current_experts(Path(cfg.run_dir)).items()})
+    out.update({f"expert-{n}": p for n, p in current_experts(run_path(cfg.run_dir)).items()})
     merged = current_merged(cfg)
     if merged:
         out["merged"] = merged
@@ -262,32 +265,31 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
     if serve or (stages and "serve" in stages):
         chosen.append("serve")
     import stm_ray
-    from stm_ray.storage import is_remote, pull, push, staging_path
+    from stm_ray.storage import RunSession
 
     log.info("stm_ray from %s (version %s); run_dir %s; stages %s", Path(stm_ray.__file__).parent,
              stm_ray.__version__, cfg.run_dir, ", ".join(chosen))
-    remote = cfg.run_dir if is_remote(cfg.run_dir) else None
-    if remote:
-        local = staging_path(remote, cfg.staging_dir)
-        log.info("run_dir %s is staged in %s (pulled now, pushed after every stage)", remote, local)
-        pull(remote, local)
-        cfg = cfg.model_copy(update={"run_dir": str(local)})
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    cfg.save(Path(cfg.run_dir) / "config.yaml")
-    manifest = Manifest(cfg)
-    if remote:
-        manifest.data.update(run_dir=remote, staging=cfg.run_dir)
+    with RunSession(cfg.run_dir) as session:
+        return _run_stages(cfg, chosen, session, corpus=corpus, force=force, show_progress=show_progress)
 
-    def sync() -> None:
-        if remote:
-            push(Path(cfg.run_dir), remote)
+
+def _run_stages(cfg: PipelineConfig, chosen: list[str], session, *, corpus: str | None, force: bool,
+                show_progress: bool) -> dict[str, Any]:
+    from stm_ray.storage import run_path
+
+    local = run_path(cfg.run_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    cfg.save(local / "config.yaml")
+    manifest = Manifest(cfg)
+    sync = session.sync
     for name in ALL_STAGES:
         if name not in chosen and manifest.stage(name).get("status") in ("pending", "running"):
             manifest.stage(name)["status"] = "skipped" if name != "serve" else "pending"
     manifest.save()
     # the train stage hands finished experts to it, the evaluate stage waits for it
+    # (not on object storage: the task would write into its own node's working copy)
     early = (EarlyEvaluation(cfg) if cfg.eval.early and not force and "train" in chosen and "evaluate" in chosen
-             and not cfg.train.use_gpu else None)
+             and not cfg.train.use_gpu and not session.store.remote else None)
     t_all = time.perf_counter()
     for i, name in enumerate(chosen, start=1):
         head = f"[{i}/{len(chosen)}] {name}"
@@ -316,7 +318,7 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
     try:
         from stm_ray.report import write_report
 
-        log.info("report: %s", write_report(cfg.run_dir))
+        log.info("report: %s", write_report(local))
         sync()
     except Exception as e:  # the run's results are on disk; a plot failure must not fail the run
         log.warning("report not written (%s: %s); stm-ray report %s retries", type(e).__name__, e, cfg.run_dir)
@@ -330,7 +332,10 @@ def serve_run(cfg: PipelineConfig, corpus: str | None, show_progress: bool = Tru
     import os
 
     from stm_ray.serve import start
+    from stm_ray.storage import is_remote
 
-    target = cfg.run_dir if (Path(cfg.run_dir) / "merged").is_dir() else cfg.model.name_or_path
+    target = cfg.run_dir if (run_path(cfg.run_dir) / "merged").is_dir() else cfg.model.name_or_path
+    if target == cfg.run_dir and not is_remote(target):
+        target = str(run_path(target))
     info = start(cfg, target, corpus, show_progress=show_progress, address=os.environ.get("RAY_ADDRESS") or None)
     return {"url": info["url"], "model": info["args"]["model_name"], "corpus": corpus}

@@ -32,6 +32,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+    _put(path)
     return path
 
 
@@ -53,7 +54,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _put(path)
     return path
+
+
+def _put(path: Path) -> None:
+    """A finished atomic write inside a remote run's working copy goes to the object store at once."""
+    from stm_ray.storage import on_local_write
+
+    on_local_write(path)
 
 
 @contextmanager
@@ -76,6 +85,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _put(path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

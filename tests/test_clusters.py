@@ -52,7 +52,9 @@ def test_ray_up_yaml_validates(path):
     assert cpu and gpu
     for name, t in workers.items():
         assert t["min_workers"] == 0 and t["max_workers"] > 0, f"{name} must autoscale from 0"
-    assert any("stm-ray[gpu]" in c for c in cfg["setup_commands"])
+    # the node image (clusters/kuberay/Dockerfile: stm-ray[gpu]) is built once; nodes only install the checkout
+    assert cfg["docker"]["image"].endswith("/stm-ray:0.1.0-gpu")
+    assert cfg["setup_commands"] == ["pip install --quiet --no-deps -e /home/ray/stm-ray"]
     assert cfg["file_mounts"] == {"/home/ray/stm-ray": "."}
     start = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start and "RAY_worker_niceness=0" in start
@@ -172,7 +174,7 @@ def test_gpu_cluster_config_is_the_realistic_run():
     assert cfg.model.name_or_path == "Qwen/Qwen3-0.6B" and "7B" in cfg.synth.generator
     assert len(cfg.data.tasks) == 4 and cfg.synth.expert_by == "task"  # four sources: four experts
     assert cfg.synth.use_gpu and cfg.train.use_gpu and cfg.synth.concurrency[1] > cfg.synth.concurrency[0]
-    assert cfg.run_dir.startswith(("s3://", "gs://")) and cfg.staging_dir
+    assert cfg.run_dir.startswith(("s3://", "gs://"))
 
 
 @pytest.mark.parametrize("name", ["runtime_env.yaml", "runtime_env.install.yaml"])
@@ -184,3 +186,86 @@ def test_runtime_envs_are_valid(name):
     assert "runs/" in env["excludes"]
     if "install" in name:
         assert env["pip"]["packages"] == ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}[gpu]"]
+
+
+@pytest.mark.parametrize("path", RAY_UP, ids=lambda p: p.name)
+def test_ray_up_nodes_install_nothing_heavy(path):
+    """An autoscaled node pulls the prebuilt image; no command on it installs torch or vLLM again."""
+    cfg = yaml.safe_load(path.read_text())
+    commands = [c for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                              "worker_setup_commands") for c in cfg.get(key, [])]
+    assert commands
+    for c in commands:
+        assert not re.search(r"torch|vllm|\[gpu\]", c, re.IGNORECASE), c
+        if re.search(r"\bpip3? install\b", c) and "google-api-python-client" not in c:  # Ray's GCP autoscaler's
+            assert "--no-deps" in c, c
+    assert "rayproject/ray" not in cfg["docker"]["image"], "the plain Ray image lacks stm-ray's dependencies"
+    assert any("--shm-size" in o for o in cfg["docker"]["run_options"])
+
+
+def _walk(node, key=None):
+    """(key, value) of every node of a parsed YAML document (key None for list items and the root)."""
+    yield key, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
+@pytest.mark.parametrize("path", [*ALL_YAML, KUBERAY / "Dockerfile"], ids=lambda p: str(p.relative_to(REPO)))
+def test_no_shared_staging_mount_is_required(path):
+    """Run directories are object storage used directly: nothing sets staging_dir, needs STM_RAY_STAGING or mounts
+    a shared volume."""
+    text = path.read_text()
+    assert "STM_RAY_STAGING" not in text and "/mnt/stm-ray" not in text
+    for doc in ([] if path.name == "Dockerfile" else yaml.safe_load_all(text)):
+        nodes = list(_walk(doc))
+        assert not {"staging_dir", "persistentVolumeClaim"} & {k for k, _ in nodes}
+        assert "ReadWriteMany" not in {v for _, v in nodes if isinstance(v, str)}
+
+
+@pytest.mark.parametrize("kind", sorted(MANIFESTS))
+def test_kuberay_ray_containers_mount_memory_shm(kind):
+    """Ray's object store lives in /dev/shm; a container's 64 MB default would push it to disk."""
+    doc = yaml.safe_load(MANIFESTS[kind].read_text())
+    for group, t in _templates(doc):
+        volumes = {v["name"]: v for v in t["spec"].get("volumes", [])}
+        for c in t["spec"]["containers"]:
+            shm = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+            assert len(shm) == 1, f"{kind} {group} {c['name']}: no /dev/shm mount"
+            empty_dir = volumes[shm[0]["name"]].get("emptyDir")
+            assert empty_dir and empty_dir["medium"] == "Memory" and empty_dir.get("sizeLimit"), (kind, group)
+
+
+def _dockerignored(patterns: list[str], path: str) -> bool:
+    """Docker's .dockerignore rule, simplified (no `!`): a pattern matching the path or one of its parents."""
+    parts = path.split("/")
+    for pat in patterns:
+        rx = re.escape(pat).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        if any(re.fullmatch(rx, "/".join(parts[:i])) for i in range(1, len(parts) + 1)):
+            return True
+    return False
+
+
+def test_dockerignore_keeps_the_build_context_small():
+    dockerfile = (KUBERAY / "Dockerfile").read_text()
+    assert "docker build -f clusters/kuberay/Dockerfile" in dockerfile and "COPY --chown=ray:users . " in dockerfile
+    lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()]
+    patterns = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert not any(p.startswith("!") for p in patterns)
+    for out in [".venv/bin/python", ".venv-infinity/lib/x.py", "runs/demo/manifest.json", ".git/HEAD",
+                "stm_ray/__pycache__/cli.cpython-311.pyc", "stm_ray.egg-info/PKG-INFO", ".pytest_cache/v",
+                ".ruff_cache/x"]:
+        assert _dockerignored(patterns, out), out
+    for keep in ["pyproject.toml", "README.md", "stm_ray/cli.py", "stm_ray/configs/demo.yaml", "jobs/pipeline.py",
+                 "jobs/configs/gpu-cluster.yaml"]:  # what `pip install .[gpu]` and the RayJob entrypoint need
+        assert not _dockerignored(patterns, keep), keep
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_job_config_run_dir_is_not_relative(path):
+    """Under `ray job submit --working-dir .` a relative run_dir lands in Ray's temporary copy of the working dir."""
+    run_dir = str(yaml.safe_load(path.read_text())["run_dir"])
+    assert "://" in run_dir or Path(run_dir).expanduser().is_absolute(), run_dir

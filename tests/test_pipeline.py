@@ -1,6 +1,6 @@
-"""stm-ray run: the manifest, resume/skip, stage selection, and run directories on object storage (file:// URIs
-go through the same pyarrow.fs code as s3:// and gs://). The evaluate stage runs for real on a tiny model; the
-whole loop on a real Ray head is tests/test_jobs.py."""
+"""stm-ray run: the manifest, resume/skip, stage selection. The evaluate stage runs for real on a tiny model; the
+whole loop on a real Ray head is tests/test_jobs.py, run directories on object storage tests/test_storage.py and
+tests/test_cluster_s3.py."""
 
 from __future__ import annotations
 
@@ -99,52 +99,9 @@ def test_unknown_stage_is_an_error(tmp_path, tiny_beir, tiny_bert_dir):
         run_pipeline(_cfg(str(tmp_path / "run"), tiny_beir, tiny_bert_dir), stages=["trian"])
 
 
-def test_remote_run_dir_is_staged_pulled_and_pushed(tmp_path, tiny_beir, tiny_bert_dir):
-    from stm_ray.pipeline import run_pipeline
-    from stm_ray.storage import staging_path
-
-    remote = tmp_path / "bucket" / "runs" / "r1"
-    uri = f"file://{remote}"
-    staging = tmp_path / "staging"
-    cfg = _cfg(uri, tiny_beir, tiny_bert_dir, f"staging_dir={staging}")
-    m = run_pipeline(cfg, stages=["evaluate"], show_progress=False)
-    local = staging_path(uri, str(staging))
-    assert local == staging / "file" / Path(*remote.parts[1:])
-    assert m["run_dir"] == uri and m["staging"] == str(local)
-    pushed = sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file())
-    assert "manifest.json" in pushed and "config.yaml" in pushed and any(p.startswith("eval/base/") for p in pushed)
-    assert json.loads((remote / "manifest.json").read_text())["stages"]["evaluate"]["status"] == "done"
-
-    # a fresh machine (empty staging) resumes from the bucket: the finished stage is not run again
-    fresh = tmp_path / "staging2"
-    again = run_pipeline(cfg.model_copy(update={"staging_dir": str(fresh)}), stages=["evaluate"], show_progress=False)
-    assert again["stages"]["evaluate"]["action"] == "reused"
-    assert (staging_path(uri, str(fresh)) / "eval" / "base").is_dir()
-
-
-def test_push_copies_only_changes_and_skips_scratch(tmp_path):
-    from stm_ray.storage import pull, push
-
-    local, remote = tmp_path / "local", tmp_path / "remote"
-    (local / "merged").mkdir(parents=True)
-    (local / "search" / "scratch" / "t1").mkdir(parents=True)
-    (local / "merged" / "model.safetensors").write_bytes(b"a" * 10)
-    (local / "search" / "scratch" / "t1" / "x.bin").write_bytes(b"x")
-    assert push(local, f"file://{remote}") == 1
-    assert push(local, f"file://{remote}") == 0
-    (local / "merged" / "model.safetensors").write_bytes(b"b" * 10)  # same size, new content
-    assert push(local, f"file://{remote}") == 1
-    assert (remote / "merged" / "model.safetensors").read_bytes() == b"b" * 10
-    assert not (remote / "search").exists()
-    assert pull(f"file://{remote}", tmp_path / "copy") == 1
-
-
-def test_stage_commands_refuse_a_remote_run_dir_and_bad_schemes():
+def test_bad_run_dir_schemes_are_config_errors():
     with pytest.raises(ConfigError, match="s3://, gs:// or file://"):
         load_config(None, ["run_dir=hdfs://x/y"])
-    proc = subprocess.run([sys.executable, "-m", "stm_ray.cli", "train", "run_dir=s3://bucket/run"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "stm-ray run" in proc.stderr and "s3://bucket/run" in proc.stderr
 
 
 def test_run_help_names_the_stages_and_manifest():

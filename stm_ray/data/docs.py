@@ -218,7 +218,10 @@ def folder_name(spec: str) -> str:
 
 
 def synthetic_folder(run_dir: str | Path, spec: str) -> Path:
-    return Path(run_dir) / QUERIES_DIR / folder_name(spec)
+    """This node's copy of the folder (fetched from the store when the run is on object storage)."""
+    from stm_ray.storage import RunStore
+
+    return RunStore(str(run_dir)).fetch(f"{QUERIES_DIR}/{folder_name(spec)}")
 
 
 def synthetic_record(run_dir: str | Path, spec: str) -> dict | None:

@@ -14,6 +14,7 @@ from stm_ray.data import RetrievalSplit, RetrievalTask, load_task
 from stm_ray.eval.metrics import evaluate_run
 from stm_ray.eval.search import exact_search, to_run
 from stm_ray.stage import Fingerprint, decide, fingerprint
+from stm_ray.storage import run_path
 from stm_ray.tables import format_table
 from stm_ray.utils import atomic_write_json
 
@@ -186,7 +187,7 @@ def evaluate_models(cfg, models: dict[str, str], *, show_progress: bool = True) 
     by_dim: dict[str, dict[str, dict[str, float]]] = {}
     fps = []
     for label, model in models.items():
-        out = Path(cfg.run_dir) / "eval" / label  # a folder: <task>.json per task
+        out = run_path(cfg.run_dir) / "eval" / label  # a folder: <task>.json per task
         paths = {t: result_path(out, t) for t in cfg.data.tasks}
         records, todo = {}, []
         for t, p in paths.items():

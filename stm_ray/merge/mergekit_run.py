@@ -118,10 +118,14 @@ def merge_models(method: str, weights: dict[str, float], out: str | Path, *, bas
     from mergekit.options import MergeOptions
 
     from stm_ray.merge.compat import install
+    from stm_ray.modeling.aliases import resolve_model
     from stm_ray.modeling.embedder import META_FILE, save_query_prompt
 
     install()
     out = Path(out)
+    # references (an object-store URI of an expert) become this node's folders
+    weights = {resolve_model(p) if w > 0 else p: w for p, w in weights.items()}
+    base = resolve_model(base) if base else base
     kept = [p for p, w in weights.items() if w > 0]
     with atomic_dir(out) as tmp:
         if not kept:

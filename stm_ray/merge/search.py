@@ -26,10 +26,11 @@ from typing import Any
 
 from stm_ray.data import DataError
 from stm_ray.merge.mergekit_run import USES_DENSITY, merge_models, prepare_base
-from stm_ray.search.common import best_row, decide_search, plot_trials, run_tuner, trial_rows
+from stm_ray.search.common import best_row, decide_search, plot_trials, run_tuner, trial_rows, tune_storage
 from stm_ray.search.dev import cached_dev_embeddings, dev_sets, objective, score_embedder, score_folders
 from stm_ray.search.instructions import load_tasks
 from stm_ray.stage import Fingerprint, fingerprint
+from stm_ray.storage import cache_dir, is_remote, reference, run_path
 from stm_ray.utils import atomic_write_json, init_local_ray
 
 log = logging.getLogger("stm_ray.search")
@@ -59,7 +60,7 @@ def find_experts(cfg) -> dict[str, str]:
     """{name: folder} of the run's finished experts (``merge.experts`` selects)."""
     from stm_ray.train.experts import current_experts
 
-    root = Path(cfg.run_dir) / "experts"
+    root = run_path(cfg.run_dir) / "experts"
     found = current_experts(cfg.run_dir)
     wanted = cfg.merge.experts
     if wanted:
@@ -103,7 +104,8 @@ def merge_trial(config: dict[str, Any], spec: dict[str, Any], dev) -> None:
     torch.set_num_threads(spec["threads"])
     t0, started = time.perf_counter(), time.time()
     method, weights, density = _read_point(config, spec["components"])
-    scratch = Path(spec["scratch"]) / uuid.uuid4().hex[:12]
+    # node-local scratch on a remote run (the driver's run folder is not on this node)
+    scratch = Path(spec["scratch"] or cache_dir() / "scratch") / uuid.uuid4().hex[:12]
     try:
         merge_models(method, {spec["paths"][c]: w for c, w in weights.items()}, scratch, base=spec["base"],
                      density=density, dtype=spec["dtype"], query_instruction=spec["query_instruction"], seed=spec["seed"])
@@ -122,7 +124,7 @@ def query_instruction_for(cfg) -> str | None:
     winner (``<run_dir>/search/instructions.json``), else None (the experts' own)."""
     if cfg.model.query_instruction is not None:
         return cfg.model.query_instruction
-    found = Path(cfg.run_dir) / "search" / "instructions.json"
+    found = run_path(cfg.run_dir) / "search" / "instructions.json"
     if found.is_file():
         return json.loads(found.read_text()).get("best", {}).get("instruction")
     return None
@@ -143,12 +145,13 @@ def merge_fingerprint(cfg, experts: dict[str, str], instruction: str | None) -> 
 def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
     """Search merge methods and coefficients with Ray Tune; write the winner to ``<run_dir>/merged``."""
     m, s = cfg.merge, cfg.search
-    run_dir = Path(cfg.run_dir).resolve()
+    run_dir = run_path(cfg.run_dir).resolve()
     experts = find_experts(cfg)
     out = run_dir / "merged"
     instr = query_instruction_for(cfg)
     fp = merge_fingerprint(cfg, experts, instr)
-    tune_dir = run_dir / "search" / "tune" / f"merge-{fp.value}"
+    tune_name = f"merge-{fp.value}"
+    tune_dir = f"{tune_storage(cfg)}/{tune_name}"
     decision, prev = decide_search(fp, "merge search", out / "merge.json", tune_dir)
     if decision.action == "reuse":
         return MergeSearchResult(**prev["result"], trials=prev["trials"], skipped=True)
@@ -171,7 +174,7 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
         base_dev = score_embedder(Embedder.from_pretrained(base, **model_kwargs), dev, corpus_embs=cached,
                                   dimension=m.dimension)
     to_score = dict(experts) if base_dev is not None else {"base": base, **experts}
-    experts_dev = score_folders(to_score, dev, model_kwargs, cpus=s.cpus_per_trial, gpus=s.gpus_per_trial,
+    experts_dev = score_folders({n: reference(p) for n, p in to_score.items()}, dev, model_kwargs, cpus=s.cpus_per_trial, gpus=s.gpus_per_trial,
                                 dimension=m.dimension)
     if base_dev is None:
         base_dev = experts_dev.pop("base")
@@ -179,10 +182,11 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
         log.info("dev NDCG@10 %-24s %.4f", n, sc.ndcg_at_10)
 
     components = list(experts) + (["base"] if m.include_base and "linear" in m.methods else [])
-    paths = {**experts, "base": base}
-    spec = {"components": components, "paths": paths, "base": base, "dtype": m.dtype, "query_instruction": instr,
+    # references other nodes can load (object-store URIs on a remote run)
+    paths = {n: reference(p) for n, p in {**experts, "base": base}.items()}
+    spec = {"components": components, "paths": paths, "base": paths["base"], "dtype": m.dtype, "query_instruction": instr,
             "seed": cfg.search.seed, "model_kwargs": model_kwargs, "threads": s.cpus_per_trial, "dimension": m.dimension,
-            "scratch": str(run_dir / "search" / "scratch")}
+            "scratch": None if is_remote(cfg.run_dir) else str(run_dir / "search" / "scratch")}
     from ray import tune
 
     if m.searcher == "grid":
@@ -198,7 +202,7 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
                         **{f"w_{c}": (0.5 if c != "base" else 0.0) for c in components}}]
     trainable = tune.with_parameters(merge_trial, spec=spec, dev=dev)
     results = run_tuner(trainable, param_space=space, kind=m.searcher, num_samples=samples, seed=cfg.search.seed,
-                        storage=run_dir / "search" / "tune", name=tune_dir.name,
+                        storage=tune_storage(cfg), name=tune_name,
                         resources={"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
                         max_concurrent=s.max_concurrent_trials, points=seed_points, show_progress=show_progress)
     keys = ["method", "density", *[f"w_{c}" for c in components]]
@@ -254,13 +258,13 @@ def current_merged(cfg) -> str | None:
     older one is left out, with a warning)."""
     import json
 
-    merged = Path(cfg.run_dir) / "merged" / "merge.json"
+    merged = run_path(cfg.run_dir) / "merged" / "merge.json"
     if not merged.is_file():
         return None
     recorded = json.loads(merged.read_text()).get("fingerprint")
     current = merge_fingerprint(cfg, find_experts(cfg), query_instruction_for(cfg)).value
     if recorded == current:
-        return str(Path(cfg.run_dir) / "merged")
+        return str(run_path(cfg.run_dir) / "merged")
     log.warning("merged/ was made under another config or other experts (fingerprint %s, now %s): left out; run "
                 "the merge stage", recorded, current)
     return None

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("STM_RAY_CACHE", Path.home() / ".cache" / "stm-ray")).expanduser()
+    from stm_ray.storage import cache_dir as node_cache
+
+    return node_cache()
 
 
 def _package_dir(module: str, pip_name: str, extra: str = "") -> Path:
@@ -80,9 +82,15 @@ ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path, "smollm2": smoll
 
 
 def resolve_model(name_or_path: str) -> str:
-    """An alias -> its local folder; a folder or hub id is returned as is."""
+    """A model reference -> what this node loads: an alias -> its folder (made on this node); a folder on object
+    storage (``s3://.../merged``) -> this node's fetched copy; a local folder or hub id as is. Resolve on the node
+    that loads: a resolved alias or cache path means nothing on another node."""
+    from stm_ray.storage import fetch_folder, is_remote
+
     if name_or_path in ALIASES:
         return ALIASES[name_or_path]()
+    if is_remote(name_or_path):
+        return fetch_folder(name_or_path)
     p = Path(name_or_path).expanduser()
     if p.exists():
         return str(p)

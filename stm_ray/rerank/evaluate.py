@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from stm_ray.stage import Fingerprint, combine, decide, fingerprint
+from stm_ray.storage import run_path
 
 log = logging.getLogger("stm_ray.rerank")
 
@@ -131,7 +132,7 @@ def rerank_models(cfg, rerankers: dict[str, str] | None = None, *, show_progress
         for name, path in rerankers.items():
             fp = rerank_fingerprint(cfg, retriever, path, task)
             fps.append(fp.value)
-            p = result_path(Path(cfg.run_dir) / "eval" / f"rerank-{name}", task)
+            p = result_path(run_path(cfg.run_dir) / "eval" / f"rerank-{name}", task)
             try:
                 prev = json.loads(p.read_text(encoding="utf-8")).get("stm_ray")
             except (OSError, ValueError):

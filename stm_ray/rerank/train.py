@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import shutil
 import tempfile
 import threading
@@ -36,6 +35,7 @@ import numpy as np
 from stm_ray.data.shards import read_shards
 from stm_ray.data.task import DataError, DataReport
 from stm_ray.stage import Decision, Fingerprint, decide, fingerprint
+from stm_ray.storage import run_path
 from stm_ray.utils import atomic_dir, atomic_write_json, init_local_ray
 
 log = logging.getLogger("stm_ray.rerank")
@@ -313,8 +313,10 @@ def reranker_fingerprint(cfg, spec, rows: RerankRows) -> Fingerprint:
                                           "base": model_fingerprint(spec.model)})
 
 
-def _storage(cfg, name: str, fp: Fingerprint) -> Path:
-    return Path(cfg.run_dir).resolve() / "train" / f"reranker-{name}-{fp.value}"
+def _storage(cfg, name: str, fp: Fingerprint) -> tuple[str, str]:
+    from stm_ray.storage import native_uri
+
+    return native_uri(cfg.run_dir, "train"), f"reranker-{name}-{fp.value}"
 
 
 def total_steps(n_rows: int, rcfg, spec=None) -> int:
@@ -326,7 +328,7 @@ def total_steps(n_rows: int, rcfg, spec=None) -> int:
 
 def decide_reranker(cfg, spec, rows: RerankRows) -> tuple[Fingerprint, Decision, dict | None]:
     """(fingerprint, decision, the finished reranker's metrics.json when there is one) by the stage contract."""
-    out = Path(cfg.run_dir).resolve() / "rerankers" / spec.name
+    out = run_path(cfg.run_dir).resolve() / "rerankers" / spec.name
     fp = reranker_fingerprint(cfg, spec, rows)
     try:
         prev = json.loads((out / "metrics.json").read_text())
@@ -334,9 +336,11 @@ def decide_reranker(cfg, spec, rows: RerankRows) -> tuple[Fingerprint, Decision,
         prev = None
     if prev is not None:
         return fp, decide(fp, spec.name, prev, complete=True, where=str(out)), prev
-    storage = _storage(cfg, spec.name, fp)
-    return fp, decide(fp, spec.name, {"fingerprint": fp.value} if storage.is_dir() else None, complete=False,
-                      where=str(storage)), None
+    from stm_ray.train.experts import has_train_run
+
+    storage_path, run_name = _storage(cfg, spec.name, fp)
+    return fp, decide(fp, spec.name, {"fingerprint": fp.value} if has_train_run(cfg, run_name) else None,
+                      complete=False, where=f"{storage_path}/{run_name}"), None
 
 
 def train_reranker(cfg, spec, rows: RerankRows, *, progress_actor: str | None = None,
@@ -352,30 +356,33 @@ def train_reranker(cfg, spec, rows: RerankRows, *, progress_actor: str | None = 
     from stm_ray.train.worker import MODEL_DIR, STATE_FILE
 
     rcfg = cfg.rerank
-    run_dir = Path(cfg.run_dir).resolve()
+    run_dir = run_path(cfg.run_dir).resolve()
     out = run_dir / "rerankers" / spec.name
     fp, decision, prev = decided or decide_reranker(cfg, spec, rows)
     storage = _storage(cfg, spec.name, fp)
     if decision.action == "reuse":
         return RerankerResult(**{**prev["result"], "skipped": True})
+    storage_path, run_name = storage
     if decision.action == "redo":
-        for old in run_dir.glob(f"train/reranker-{spec.name}-*"):
-            if re.fullmatch(rf"reranker-{re.escape(spec.name)}-[0-9a-f]{{16}}", old.name) and (
-                    old != storage or decision.previous == fp.value):
-                shutil.rmtree(old, ignore_errors=True)
+        from stm_ray.train.experts import clear_old_runs
+
+        clear_old_runs(cfg, f"reranker-{spec.name}", None if decision.previous == fp.value else run_name)
     total = total_steps(len(rows), rcfg, spec)
     if total == 0:
         raise DataError(f"reranker {spec.name}: no training rows")
     log.info("[reranker %s] %s from %s: %d rows, %d steps, %d worker(s), %s loss, run %s", spec.name, spec.kind,
-             spec.model, len(rows), total, rcfg.num_workers, rcfg.loss, storage.name)
+             spec.model, len(rows), total, rcfg.num_workers, rcfg.loss, run_name)
     t0 = time.perf_counter()
+    from stm_ray.train.rendezvous import torch_config
+
     trainer = TorchTrainer(
         train_loop,
+        torch_config=torch_config(),  # the rendezvous listens on the node's address only
         train_loop_config={"rerank": rcfg.model_dump(), "spec": spec.model_dump(), "rows": ray.put(rows),
                            "total_steps": total, "progress_actor": progress_actor, "fingerprint": fp.value},
         scaling_config=ScalingConfig(num_workers=rcfg.num_workers, use_gpu=rcfg.use_gpu,
                                      resources_per_worker={"CPU": rcfg.cpus_per_worker}),
-        run_config=RunConfig(name=storage.name, storage_path=str(storage.parent),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=rcfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=rcfg.keep_checkpoints),
                              worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(rcfg.cpus_per_worker)}}))
@@ -428,7 +435,7 @@ def train_rerankers(cfg, *, shards: str | None = None, only: list[str] | None = 
         if not s.train:
             results[s.name] = RerankerResult(name=s.name, kind=s.kind, path=s.model, trained=False)
     if todo:
-        source = shards or cfg.train.shards or str(Path(cfg.run_dir) / "synth")
+        source = shards or cfg.train.shards or str(run_path(cfg.run_dir) / "synth")
         report = DataReport()
         table = read_shards(source, strict=cfg.data.strict, report=report)
         rows = RerankRows.from_table(table, rcfg.max_rows, rcfg.seed)
@@ -458,7 +465,7 @@ def train_rerankers(cfg, *, shards: str | None = None, only: list[str] | None = 
             watcher.join(timeout=15)
             ray.kill(actor)
     ordered = [results[s.name] for s in specs]
-    path = Path(cfg.run_dir) / "rerankers" / "summary.json"
+    path = run_path(cfg.run_dir) / "rerankers" / "summary.json"
     try:
         previous = json.loads(path.read_text()).get("rerankers", [])
     except (OSError, ValueError):
@@ -471,7 +478,7 @@ def train_rerankers(cfg, *, shards: str | None = None, only: list[str] | None = 
 def current_rerankers(cfg) -> dict[str, str]:
     """{name: folder} of the configured rerankers whose trained folder matches the summary (or the given folder
     for ``train: false``); a configured reranker not trained yet is left out with a warning."""
-    root = Path(cfg.run_dir) / "rerankers"
+    root = run_path(cfg.run_dir) / "rerankers"
     try:
         listed = {r["name"]: r for r in json.loads((root / "summary.json").read_text()).get("rerankers", [])}
     except (OSError, ValueError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,15 @@ log = logging.getLogger(__name__)
 METRIC = "objective"
 
 
-def decide_search(fp: Fingerprint, item: str, result: Path, tune_dir: Path) -> tuple[Decision, dict[str, Any] | None]:
+def tune_storage(cfg) -> str:
+    """Where Tune keeps the searches' experiments: the run's ``search/tune``, on the object store itself for a
+    remote run (trials on any node write there)."""
+    from stm_ray.storage import native_uri
+
+    return native_uri(cfg.run_dir, "search/tune")
+
+
+def decide_search(fp: Fingerprint, item: str, result: Path, tune_dir: str) -> tuple[Decision, dict[str, Any] | None]:
     """The stage contract for a Tune search: ``result`` (its JSON output) records the fingerprint; an unfinished
     search under the same fingerprint is its Tune experiment ``tune_dir``, resumed. Returns the decision and the
     finished result's record (None when there is none). Under ``--force`` the finished experiment is removed, so
@@ -27,11 +34,13 @@ def decide_search(fp: Fingerprint, item: str, result: Path, tune_dir: Path) -> t
     except (OSError, ValueError):
         record = None
     finished = record
-    if record is None and tune_dir.is_dir():
+    from stm_ray.storage import dir_exists, remove_dir
+
+    if record is None and dir_exists(tune_dir):
         record = {"fingerprint": fp.value}
     decision = decide(fp, item, record, complete=finished is not None, where=str(result))
     if decision.action == "redo" and decision.previous == fp.value:
-        shutil.rmtree(tune_dir, ignore_errors=True)
+        remove_dir(tune_dir)
     return decision, finished
 
 
@@ -49,13 +58,16 @@ def searcher(kind: str, seed: int, points: list[dict[str, Any]] | None = None):
 
 
 def run_tuner(trainable, *, param_space: dict[str, Any], kind: str, num_samples: int, seed: int,
-              storage: Path, name: str, resources: dict[str, float], max_concurrent: int,
+              storage: str, name: str, resources: dict[str, float], max_concurrent: int,
               points: list[dict[str, Any]] | None = None, show_progress: bool = True):
     """Run (or resume, when ``storage/name`` holds an interrupted run) a Tune experiment; returns its ResultGrid."""
     from ray import tune
 
-    storage.mkdir(parents=True, exist_ok=True)
-    path = storage / name
+    from stm_ray.storage import is_remote
+
+    if not is_remote(storage):
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    path = f"{storage.rstrip('/')}/{name}"
     wrapped = tune.with_resources(trainable, resources)
     if tune.Tuner.can_restore(str(path)):
         log.info("resuming the Tune experiment in %s", path)

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from stm_ray.data import RetrievalTask, load_task
-from stm_ray.search.common import best_row, decide_search, plot_trials, run_tuner, trial_rows
+from stm_ray.search.common import best_row, decide_search, plot_trials, run_tuner, trial_rows, tune_storage
 from stm_ray.search.dev import cached_dev_embeddings, dev_sets, objective, score_embedder, score_folders
 from stm_ray.stage import Fingerprint, fingerprint
+from stm_ray.storage import reference, run_path
 from stm_ray.utils import atomic_write_json, init_local_ray
 
 log = logging.getLogger("stm_ray.search")
@@ -55,7 +56,7 @@ def candidate_instructions(cfg, tasks: dict[str, RetrievalTask] | None = None) -
     out = [""] + [task_instruction(spec, t.name, None) for spec, t in tasks.items()]
     out += [*DEFAULT_INSTRUCTIONS.values(), GENERIC_INSTRUCTION, *cfg.search.instructions]
     if cfg.search.use_synth_pool:
-        for f in sorted((Path(cfg.run_dir) / "synth" / "instructions").glob("*.json")):
+        for f in sorted((run_path(cfg.run_dir) / "synth" / "instructions").glob("*.json")):
             try:
                 obj = json.loads(f.read_text())
             except (OSError, json.JSONDecodeError) as e:
@@ -112,7 +113,7 @@ def _cached_embedder(model_kwargs: dict[str, Any]):
 
 
 def default_model(cfg) -> str:
-    merged = Path(cfg.run_dir) / "merged"
+    merged = run_path(cfg.run_dir) / "merged"
     return str(merged) if (merged / "merge.json").is_file() else cfg.model.name_or_path
 
 
@@ -124,7 +125,7 @@ def instructions_fingerprint(cfg, model: str) -> Fingerprint:
 
     pools = {}
     if cfg.search.use_synth_pool:
-        for f in sorted((Path(cfg.run_dir) / "synth" / "instructions").glob("*.json")):
+        for f in sorted((run_path(cfg.run_dir) / "synth" / "instructions").glob("*.json")):
             pools[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
     return fingerprint("instructions", cfg, {"model": model_fingerprint(model), "pools": pools,
                                              "tasks": {t: task_fingerprint(t, cfg.run_dir) for t in cfg.data.tasks}})
@@ -145,11 +146,12 @@ def search_instructions(cfg, *, model: str | None = None, save: bool = True,
     from stm_ray.modeling.embedder import instruction_prefix, save_query_prompt
 
     s = cfg.search
-    run_dir = Path(cfg.run_dir).resolve()
+    run_dir = run_path(cfg.run_dir).resolve()
     model = model or default_model(cfg)
     fp = instructions_fingerprint(cfg, model)
     out = run_dir / "search" / "instructions.json"
-    tune_dir = run_dir / "search" / "tune" / f"instructions-{fp.value}"
+    tune_name = f"instructions-{fp.value}"
+    tune_dir = f"{tune_storage(cfg)}/{tune_name}"
     decision, record = decide_search(fp, "instruction search", out, tune_dir)
     if decision.action == "reuse":
         return _reused(record)
@@ -157,7 +159,7 @@ def search_instructions(cfg, *, model: str | None = None, save: bool = True,
     candidates = candidate_instructions(cfg, tasks)
     init_local_ray()
     dev = dev_sets(cfg, tasks)
-    model_kwargs = {"name_or_path": model, "max_length": cfg.model.max_length, "batch_size": cfg.model.batch_size,
+    model_kwargs = {"name_or_path": reference(model), "max_length": cfg.model.max_length, "batch_size": cfg.model.batch_size,
                     "device": "cpu" if s.gpus_per_trial == 0 else "auto", "dtype": cfg.model.dtype,
                     "pooling": cfg.model.pooling}
     log.info("instruction search on %s: %d candidates, searcher %s", model, len(candidates), s.searcher)
@@ -171,8 +173,8 @@ def search_instructions(cfg, *, model: str | None = None, save: bool = True,
              else tune.choice(list(range(len(candidates))))}
     trainable = tune.with_parameters(instruction_trial, spec=spec, dev=dev, corpus_embs=corpus_embs)
     results = run_tuner(trainable, param_space=space, kind="grid" if grid else s.searcher,
-                        num_samples=1 if grid else s.num_samples, seed=s.seed, storage=run_dir / "search" / "tune",
-                        name=tune_dir.name, resources={"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
+                        num_samples=1 if grid else s.num_samples, seed=s.seed, storage=tune_storage(cfg),
+                        name=tune_name, resources={"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
                         max_concurrent=s.max_concurrent_trials, show_progress=show_progress)
     rows = trial_rows(results, ["candidate", "instruction"])
     best = best_row(rows)
@@ -242,7 +244,7 @@ def search_pool_size(cfg, *, shards: str | None = None, show_progress: bool = Tr
     from stm_ray.modeling import model_fingerprint
 
     s = cfg.search
-    run_dir = Path(cfg.run_dir).resolve()
+    run_dir = run_path(cfg.run_dir).resolve()
     tasks = load_tasks(cfg)
     candidates = [c for c in candidate_instructions(cfg, tasks) if c]
     sizes = sorted({min(n, len(candidates)) for n in s.pool_sizes})
@@ -253,7 +255,8 @@ def search_pool_size(cfg, *, shards: str | None = None, show_progress: bool = Tr
     fp = fingerprint("instruction-pools", cfg, {"candidates": candidates, "sizes": sizes, "shards": shards_fp,
                                                 "base": model_fingerprint(cfg.model.name_or_path)})
     path = run_dir / "search" / "instruction_pools.json"
-    tune_dir = run_dir / "search" / "tune" / f"pools-{fp.value}"
+    tune_name = f"pools-{fp.value}"
+    tune_dir = f"{tune_storage(cfg)}/{tune_name}"
     decision, record = decide_search(fp, "instruction pools", path, tune_dir)
     if decision.action == "reuse":
         return record
@@ -265,7 +268,7 @@ def search_pool_size(cfg, *, shards: str | None = None, show_progress: bool = Tr
     # the trial itself only drives Ray Train (whose workers hold the CPUs) and a scoring task
     results = run_tuner(tune.with_parameters(pool_trial, spec=spec, dev=dev),
                         param_space={"pool_size": tune.grid_search(sizes)}, kind="grid", num_samples=1, seed=s.seed,
-                        storage=run_dir / "search" / "tune", name=tune_dir.name, resources={"CPU": 0.01},
+                        storage=tune_storage(cfg), name=tune_name, resources={"CPU": 0.01},
                         max_concurrent=s.max_concurrent_trials, show_progress=show_progress)
     rows = trial_rows(results, ["pool_size", "expert"])
     best = best_row(rows)

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from stm_ray.storage import run_path
+
 log = logging.getLogger("stm_ray.serve")
 
 IMPORT_PATH = "stm_ray.serve.app:build_app"
@@ -25,7 +27,18 @@ def _is_model_folder(p: Path) -> bool:
 
 def resolve_target(target: str) -> tuple[str, Path | None]:
     """(model, run_dir): a run directory serves its ``merged/`` model; anything else is a model (folder, alias or
-    hub id) served as it is."""
+    hub id) served as it is. On object storage (``s3://bucket/run``) the model stays a URI that each replica
+    fetches (the run's ``merged/`` when it has one)."""
+    from stm_ray.storage import MARKER, RunStore, is_remote
+
+    if is_remote(target):
+        store = RunStore(target)
+        if store.read_json(f"merged/{MARKER}") is not None:
+            return f"{store.uri}/merged", run_path(store.uri)
+        if store.read_json(MARKER) is not None:
+            return store.uri, None
+        raise FileNotFoundError(f"{target}: neither a finished model folder nor a run with a merged model on the "
+                                "store (run `stm-ray merge` first)")
     p = Path(target).expanduser()
     if p.is_dir() and not _is_model_folder(p):
         if _is_model_folder(p / "merged"):
@@ -45,7 +58,7 @@ def resolve_target(target: str) -> tuple[str, Path | None]:
 def index_folder(cfg, corpus: str, run_dir: Path | None) -> Path:
     from stm_ray.serve.index import task_slug
 
-    root = Path(cfg.serve.index_dir) if cfg.serve.index_dir else (run_dir or Path(cfg.run_dir)) / "index"
+    root = Path(cfg.serve.index_dir) if cfg.serve.index_dir else (run_dir or run_path(cfg.run_dir)) / "index"
     return root / task_slug(corpus)
 
 

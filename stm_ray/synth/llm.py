@@ -130,7 +130,10 @@ class InProcessVLLM:
 
         if not use_gpu:
             torch.set_num_threads(max(1, threads))
-        self.llm = LLM(model=model_source, **{"distributed_executor_backend": "uni", **engine_kwargs})
+        from stm_ray.modeling.aliases import resolve_model
+
+        # resolved here, on the engine's node: an alias's folder or a fetched object-store copy is node-local
+        self.llm = LLM(model=resolve_model(model_source), **{"distributed_executor_backend": "uni", **engine_kwargs})
         self.cfg, self.use_gpu, self.query_max_tokens = cfg, use_gpu, query_max_tokens
         self._lock = threading.Lock()  # the engine is stepped and fed by one thread at a time
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # calls waiting for their rows to be added
@@ -210,9 +213,10 @@ def build_in_process_generator(cfg: SynthConfig, model_source: str, *, use_gpu: 
                                query_max_tokens: int = 64):
     """The generator as a Ray Data actor pool of :class:`InProcessVLLM` (``synth.concurrency`` actors, one CPU
     or one GPU each): a function from a dataset of rows to the generated dataset, like a ray.data.llm processor."""
+    from stm_ray.modeling.aliases import resolve_model
     from stm_ray.synth.pipeline import _node_cpus
 
-    kwargs = vllm_engine_kwargs(cfg, use_gpu, model_source, check=check_memory)
+    kwargs = vllm_engine_kwargs(cfg, use_gpu, resolve_model(model_source), check=check_memory)
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     # the engine actor asks Ray for one CPU (the light stages and mining run beside it) and computes with the
     # node's CPUs shared among the pool's actors
@@ -236,12 +240,18 @@ def build_in_process_generator(cfg: SynthConfig, model_source: str, *, use_gpu: 
 
 def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool, check_memory: bool = True,
                          query_max_tokens: int = 64):
-    """The vLLM generator: ray.data.llm's processor, or on a CPU (``synth.vllm_runner``) the in-process actor."""
+    """The vLLM generator: ray.data.llm's processor, or on a CPU (``synth.vllm_runner``) the in-process actor.
+    ``model_source`` is a reference (alias, hub id, folder, object-store URI): the in-process actor resolves it on
+    its own node; ray.data.llm's engines load what they are given, so it gets this node's folder (on a multi-node
+    cluster give a hub id or a folder every node's image has)."""
     from ray.data.llm import build_processor
+
+    from stm_ray.modeling.aliases import resolve_model
 
     if in_process(cfg, use_gpu):
         return build_in_process_generator(cfg, model_source, use_gpu=use_gpu, check_memory=check_memory,
                                           query_max_tokens=query_max_tokens)
+    model_source = resolve_model(model_source)
 
     config = vllm_processor_config(cfg, model_source, use_gpu=use_gpu, check_memory=check_memory,
                                    chat_template_stage={"num_cpus": LIGHT_CPU, "batch_size": cfg.batch_size})

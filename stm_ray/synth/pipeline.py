@@ -43,6 +43,7 @@ from stm_ray.data.instructions import task_instruction
 from stm_ray.data.shards import NEGATIVE_SOURCES, shard_files, shard_stats, write_shard
 from stm_ray.data.task import RetrievalTask, stable_fraction
 from stm_ray.stage import Fingerprint, decide, fingerprint
+from stm_ray.storage import run_path
 from stm_ray.synth.autoscale import ActorPoolSampler
 from stm_ray.synth.checks import DROP_REASONS, check_negative
 from stm_ray.synth.mine import MineBatch
@@ -182,7 +183,7 @@ def corpus_cache_path(out: Path, spec: str, model_cfg, task: RetrievalTask) -> P
 def cached_corpus_embeddings(cfg: PipelineConfig, spec: str, model_cfg, task: RetrievalTask) -> np.ndarray | None:
     """The corpus embeddings mining (or the queries stage's round trip) cached for ``model_cfg``, if any (the
     evaluation of the base model reuses them instead of encoding the corpus again)."""
-    path = corpus_cache_path(Path(cfg.run_dir) / "synth", spec, model_cfg, task)
+    path = corpus_cache_path(run_path(cfg.run_dir) / "synth", spec, model_cfg, task)
     if not path.is_file():
         return None
     emb = np.load(path)
@@ -244,9 +245,7 @@ def build_generator(cfg: PipelineConfig, query_max_tokens: int = 64):
 
     if cfg.synth.engine == "openai":
         return build_http_processor(cfg.synth, query_max_tokens=query_max_tokens)
-    from stm_ray.modeling.aliases import resolve_model
-
-    return build_vllm_processor(cfg.synth, resolve_model(cfg.synth.generator), use_gpu=_use_gpu(cfg),
+    return build_vllm_processor(cfg.synth, cfg.synth.generator, use_gpu=_use_gpu(cfg),
                                 check_memory=single_node(), query_max_tokens=query_max_tokens)
 
 
@@ -365,7 +364,7 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
 
     t0 = time.perf_counter()
     s = cfg.synth
-    out = Path(cfg.run_dir) / "synth"
+    out = run_path(cfg.run_dir) / "synth"
     fp = synth_fingerprint(cfg)
     manifest_path = out / MANIFEST
     record = _read_manifest(manifest_path)

@@ -47,6 +47,7 @@ from stm_ray.data import DataError, RetrievalTask
 from stm_ray.data.docs import SYNTH_MANIFEST, load_docs, synthetic_folder
 from stm_ray.data.task import stable_fraction
 from stm_ray.stage import Fingerprint, combine, decide, fingerprint
+from stm_ray.storage import run_path
 from stm_ray.synth.checks import QUERY_LEXICAL_REASONS, check_query, normalize_query
 from stm_ray.synth.pipeline import _read_manifest
 from stm_ray.synth.prompts import QUERY_PROMPTS
@@ -352,7 +353,7 @@ def synthesize_queries(cfg: PipelineConfig, *, show_progress: bool = True) -> di
 
     t0 = time.perf_counter()
     q = cfg.queries
-    run_dir = Path(cfg.run_dir)
+    run_dir = run_path(cfg.run_dir)
     results: dict[str, Any] = {}
     fps: dict[str, str] = {}
     todo: dict[str, tuple[RetrievalTask, list[dict], Fingerprint, Fingerprint]] = {}

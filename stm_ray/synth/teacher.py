@@ -37,6 +37,7 @@ from stm_ray.config import ConfigError, PipelineConfig
 from stm_ray.data.shards import SCORE_COLUMNS, read_shards, shard_files, shard_stats, write_shard
 from stm_ray.data.task import DataReport
 from stm_ray.stage import Fingerprint, decide, fingerprint
+from stm_ray.storage import run_path
 from stm_ray.synth.pipeline import _read_manifest
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,14 @@ MANIFEST = "manifest.json"
 
 def teacher_source(cfg: PipelineConfig) -> Path:
     """The shards the teacher scores: ``train.shards`` or ``<run_dir>/synth``."""
-    return Path(cfg.train.shards) if cfg.train.shards else Path(cfg.run_dir) / "synth"
+    return Path(cfg.train.shards) if cfg.train.shards else run_path(cfg.run_dir) / "synth"
 
 
 def reranker_folder(cfg: PipelineConfig) -> str:
     """``teacher.reranker`` as a folder: a name of ``rerank.rerankers`` is the run's ``rerankers/<name>``."""
     name = cfg.teacher.reranker or ""
     if name in [r.name for r in cfg.rerank.rerankers]:
-        return str(Path(cfg.run_dir) / "rerankers" / name)
+        return str(run_path(cfg.run_dir) / "rerankers" / name)
     return name
 
 
@@ -259,7 +260,7 @@ def teacher_scores(cfg: PipelineConfig, *, show_progress: bool = True) -> dict[s
         raise ConfigError("the teacher stage needs teacher.kind: 'reranker' (with teacher.reranker) or 'llm'")
     t0 = time.perf_counter()
     source = teacher_source(cfg)
-    out = Path(cfg.run_dir) / "teacher"
+    out = run_path(cfg.run_dir) / "teacher"
     fp = teacher_fingerprint(cfg)
     path = out / MANIFEST
     record = _read_manifest(path)

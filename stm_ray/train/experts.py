@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from stm_ray.data.shards import read_shards
 from stm_ray.data.task import DataError, DataReport
 from stm_ray.stage import Decision, Fingerprint, decide, fingerprint
+from stm_ray.storage import reference, run_path
 from stm_ray.train.batching import TrainRows, plan_batches
 from stm_ray.utils import atomic_dir, atomic_write_json, init_local_ray, save_figure
 
@@ -112,8 +113,8 @@ def training_shards(cfg) -> Path:
     """Where the train stage reads: the teacher stage's shards when a teacher is set (it scored ``train.shards`` or
     Synthesize's), else ``train.shards``, else Synthesize's."""
     if cfg.teacher.kind:
-        return Path(cfg.run_dir) / "teacher"
-    return Path(cfg.train.shards) if cfg.train.shards else Path(cfg.run_dir) / "synth"
+        return run_path(cfg.run_dir) / "teacher"
+    return Path(cfg.train.shards) if cfg.train.shards else run_path(cfg.run_dir) / "synth"
 
 
 def expert_fingerprint(cfg, rows: TrainRows, pool: list[str]) -> Fingerprint:
@@ -125,14 +126,36 @@ def expert_fingerprint(cfg, rows: TrainRows, pool: list[str]) -> Fingerprint:
                                       "base": model_fingerprint(cfg.model.name_or_path)})
 
 
-def _storage(cfg, name: str, fp: Fingerprint) -> Path:
-    return Path(cfg.run_dir).resolve() / "train" / f"{name}-{fp.value}"
+def _storage(cfg, name: str, fp: Fingerprint) -> tuple[str, str]:
+    """(Ray Train's storage_path, the run's name): the run directory's ``train/``, on the object store itself for
+    a remote run (every worker writes its checkpoints there; nothing assumes a shared disk)."""
+    from stm_ray.storage import native_uri
+
+    return native_uri(cfg.run_dir, "train"), f"{name}-{fp.value}"
+
+
+def has_train_run(cfg, run_name: str) -> bool:
+    """Whether ``train/<run_name>`` (an interrupted Ray Train run) exists, on the store for a remote run."""
+    from stm_ray.storage import RunStore
+
+    return run_name in RunStore(cfg.run_dir).list_dirs("train")
+
+
+def clear_old_runs(cfg, prefix: str, keep: str | None) -> None:
+    """Delete Ray Train runs ``train/<prefix>-<fingerprint>`` other than ``keep``: checkpoints of another
+    fingerprint are of no use (on the store too, so none is ever restored by mistake)."""
+    from stm_ray.storage import RunStore
+
+    store = RunStore(cfg.run_dir)
+    for old in store.list_dirs("train"):
+        if re.fullmatch(rf"{re.escape(prefix)}-[0-9a-f]{{10,16}}", old) and old != keep:
+            store.delete(f"train/{old}")
 
 
 def decide_expert(cfg, name: str, rows: TrainRows, pool: list[str]) -> tuple[Fingerprint, Decision, dict | None]:
     """(fingerprint, decision, the finished expert's metrics.json when there is one) for expert ``name``."""
     fp = expert_fingerprint(cfg, rows, pool)
-    out = Path(cfg.run_dir).resolve() / "experts" / name
+    out = run_path(cfg.run_dir).resolve() / "experts" / name
     prev = None
     try:
         prev = json.loads((out / "metrics.json").read_text())
@@ -140,9 +163,9 @@ def decide_expert(cfg, name: str, rows: TrainRows, pool: list[str]) -> tuple[Fin
         pass
     if prev is not None:
         return fp, decide(fp, name, prev, complete=True, where=str(out)), prev
-    storage = _storage(cfg, name, fp)
-    partial = {"fingerprint": fp.value} if storage.is_dir() else None
-    return fp, decide(fp, name, partial, complete=False, where=str(storage)), None
+    storage_path, run_name = _storage(cfg, name, fp)
+    partial = {"fingerprint": fp.value} if has_train_run(cfg, run_name) else None
+    return fp, decide(fp, name, partial, complete=False, where=f"{storage_path}/{run_name}"), None
 
 
 def _plot_loss(loss: list[float], path: Path, title: str) -> None:
@@ -198,7 +221,7 @@ def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = No
 
     tcfg = cfg.train
     pool = pool or []
-    run_dir = Path(cfg.run_dir).resolve()
+    run_dir = run_path(cfg.run_dir).resolve()
     out = run_dir / "experts" / name
     rows = TrainRows.from_table(table, tcfg.negative_sources, scores=tcfg.distill is not None)
     if len(rows) == 0:
@@ -206,12 +229,9 @@ def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = No
     fp, decision, prev = decided or decide_expert(cfg, name, rows, pool)
     if decision.action == "reuse":
         return ExpertResult(**{**prev["result"], "skipped": True})
-    storage = _storage(cfg, name, fp)
+    storage_path, run_name = _storage(cfg, name, fp)
     if decision.action == "redo":  # other fingerprints' checkpoints are of no use, nor this one's under --force
-        for old in run_dir.glob(f"train/{name}-*"):
-            if re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{10,16}}", old.name) and (
-                    old != storage or decision.previous == fp.value):
-                shutil.rmtree(old, ignore_errors=True)
+        clear_old_runs(cfg, name, None if decision.previous == fp.value else run_name)
     per_epoch, total = planned_steps(rows, tcfg)
     if total == 0:
         raise DataError(f"expert {name}: {len(rows)} rows give no batch of {tcfg.batch_size} on {tcfg.num_workers} worker(s)")
@@ -221,14 +241,17 @@ def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = No
     log.info("[%s] %d rows, %d steps (%d per epoch), %d worker(s), %s, run %s-%s", name, len(rows), total, per_epoch,
              tcfg.num_workers, tcfg.strategy, name, fp)
     t0, started = time.perf_counter(), time.time()
+    from stm_ray.train.rendezvous import torch_config
+
     trainer = TorchTrainer(
         train_loop,
+        torch_config=torch_config(),  # the rendezvous listens on the node's address only
         train_loop_config={"train": tcfg.model_dump(), "model": cfg.model.model_dump(), "rows": ray.put(rows),
                            "total_steps": total, "expert": name, "instruction_pool": pool,
                            "saved_query_instruction": saved_instruction, "progress_actor": progress_actor},
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                      resources_per_worker={"CPU": tcfg.cpus_per_worker}),
-        run_config=RunConfig(name=storage.name, storage_path=str(storage.parent),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=tcfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
                              worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(tcfg.cpus_per_worker)}}),
@@ -247,7 +270,7 @@ def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = No
     secs = state["step_seconds"][1:] or state["step_seconds"]
     sps = tcfg.batch_size * len(secs) / sum(secs) if secs and sum(secs) > 0 else 0.0
     tasks = sorted(set(rows.tasks))
-    dev = _dev_ndcg(str(out), tasks, cfg) if tcfg.evaluate_dev else {}
+    dev = _dev_ndcg(reference(out), tasks, cfg) if tcfg.evaluate_dev else {}
     res = ExpertResult(name=name, path=str(out), rows=len(rows), steps=state["step"],
                        final_loss=float(np.mean(state["loss"][-max(1, min(10, len(state["loss"]))):])),
                        samples_per_s=sps, wall_s=wall, resumed_from=state["resumed_from"], dev_ndcg_at_10=dev,
@@ -276,7 +299,7 @@ def _stamp(folder: Path, fp: Fingerprint) -> None:
 def current_experts(run_dir: str | Path) -> dict[str, str]:
     """{name: folder} of the experts of the run's last training (``experts/summary.json``); folders left from
     an earlier config that the summary does not list are not the run's experts."""
-    root = Path(run_dir) / "experts"
+    root = run_path(run_dir) / "experts"
     try:
         listed = json.loads((root / "summary.json").read_text()).get("experts") or []
     except (OSError, ValueError):
@@ -386,7 +409,7 @@ def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = No
             watcher.join(timeout=15)
             ray.kill(actor)
     results = [results_by_name[n] for n in groups]
-    path = Path(cfg.run_dir) / "experts" / "summary.json"
+    path = run_path(cfg.run_dir) / "experts" / "summary.json"
     try:
         previous = json.loads(path.read_text())
     except (OSError, ValueError):
