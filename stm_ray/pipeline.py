@@ -234,6 +234,22 @@ RUNNERS: dict[str, Callable[[PipelineConfig, bool], dict[str, Any]]] = {
 }
 
 
+def pin_models(cfg: PipelineConfig) -> PipelineConfig:
+    """Hub ids of the config pinned to the revision they resolve to at the start of the run (``org/name@commit``):
+    every node then loads the same weights, and the fingerprints change when the upstream model does."""
+    from stm_ray.modeling.aliases import pin
+
+    model, gen = pin(cfg.model.name_or_path), pin(cfg.synth.generator)
+    specs = [r.model_copy(update={"model": pin(r.model)}) for r in cfg.rerank.rerankers]
+    for old, new in [(cfg.model.name_or_path, model), (cfg.synth.generator, gen),
+                     *((a.model, b.model) for a, b in zip(cfg.rerank.rerankers, specs))]:
+        if old != new:
+            log.info("model %s pinned to revision %s", old, new.rsplit("@", 1)[1])
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": model}),
+                                  "synth": cfg.synth.model_copy(update={"generator": gen}),
+                                  "rerank": cfg.rerank.model_copy(update={"rerankers": specs})})
+
+
 def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: list[str] | None = None,
                  serve: bool = False, corpus: str | None = None, force: bool = False,
                  show_progress: bool = True) -> dict[str, Any]:
@@ -266,6 +282,8 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
         chosen.append("serve")
     import stm_ray
     from stm_ray.storage import RunSession
+
+    cfg = pin_models(cfg)
 
     log.info("stm_ray from %s (version %s); run_dir %s; stages %s", Path(stm_ray.__file__).parent,
              stm_ray.__version__, cfg.run_dir, ", ".join(chosen))

@@ -186,12 +186,19 @@ class LocalCluster:
                    f'mount --make-rprivate / && mount --bind "{empty}" "{self.head_home}" && exec "$@"', "sh", *start]
         else:
             cmd = start
-        log = open(home / "ray-start.log", "wb")  # noqa: SIM115 - the node's own log, kept for failures
-        node = Node(name, home, subprocess.Popen(cmd, env=self.node_env(home), cwd=REPO, stdout=log,
-                                                 stderr=subprocess.STDOUT, start_new_session=True))
-        self.nodes.append(node)
-        self._wait_nodes(len(self.nodes))
-        return node
+        for attempt in (1, 2):  # on a loaded machine a raylet can miss the GCS's deadline once; start it again
+            log = open(home / "ray-start.log", "wb")  # noqa: SIM115 - the node's own log, kept for failures
+            node = Node(name, home, subprocess.Popen(cmd, env=self.node_env(home), cwd=REPO, stdout=log,
+                                                     stderr=subprocess.STDOUT, start_new_session=True))
+            self.nodes.append(node)
+            try:
+                self._wait_nodes(len([n for n in self.nodes if n.proc is None or n.proc.poll() is None]))
+                return node
+            except RuntimeError:
+                self.nodes.remove(node)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _alive(self) -> list[dict]:
         import json
@@ -275,3 +282,59 @@ def cluster_env(s3: S3Server | None = None) -> dict[str, str]:
     if s3 is not None:
         env.update(s3.env)
     return env
+
+
+def fake_autoscaler_config(gcs_address: str, *, max_workers: int = 2, idle_minutes: float = 0.1) -> dict:
+    """A cluster config for Ray's fake multi-node provider: a head with no CPUs and a ``{CPU: 1}`` worker type
+    (0 to ``max_workers`` nodes) that the autoscaler starts as real raylets on this machine and removes once idle
+    for ``idle_minutes``."""
+    return {
+        "cluster_name": "stm-fake", "max_workers": max_workers, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_minutes,
+        "provider": {"type": "fake_multinode", "gcs_address": gcs_address},
+        "auth": {"ssh_user": "ray"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "cpu1": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": max_workers},
+        },
+        "head_node_type": "ray.head.default",
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+@dataclass
+class AutoscaledCluster(LocalCluster):
+    """A head started with Ray's fake multi-node autoscaler (``RAY_FAKE_CLUSTER=1 ray start --head
+    --autoscaling-config``): worker nodes come and go as Ray's autoscaler decides. They are raylets started by the
+    autoscaler's process, so they share the head's HOME (the provider has no per-node environment)."""
+
+    max_workers: int = 2
+    idle_minutes: float = 0.1
+
+    def start(self) -> AutoscaledCluster:
+        import yaml
+
+        self.head_home.mkdir(parents=True, exist_ok=True)
+        self.temp_dir = tempfile.mkdtemp(prefix="stma-")
+        self.gcs_port, client, agent_http, agent_grpc, metrics, env_agent = free_ports(6)
+        cfg = self.root / "autoscaler.yaml"
+        cfg.write_text(yaml.safe_dump(fake_autoscaler_config(self.address, max_workers=self.max_workers,
+                                                             idle_minutes=self.idle_minutes)))
+        env = {**self.node_env(self.head_home), "RAY_FAKE_CLUSTER": "1"}
+        proc = subprocess.run(
+            [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
+             f"--ray-client-server-port={client}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=false",
+             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
+             f"--temp-dir={self.temp_dir}", "--disable-usage-stats", f"--autoscaling-config={cfg}"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray start --head (autoscaling) failed:\n{proc.stdout}\n{proc.stderr}")
+        self.nodes.append(Node("head", self.head_home))
+        return self
+
+    def alive_workers(self) -> int:
+        return sum(1 for n in self._alive() if n["cpu"] > 0)

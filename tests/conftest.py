@@ -71,19 +71,25 @@ def minilm_dir() -> str:
     return minilm_path()
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory, minilm_dir) -> str:
+def build_tiny_bert(out: Path) -> str:
+    """A 2-layer BERT (hidden 32) with all-MiniLM-L6-v2's tokenizer, saved in ``out``."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    from stm_ray.modeling.aliases import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=512)
-    out = tmp_path_factory.mktemp("tiny_bert")
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir) -> str:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def smollm2_tokenizer():
@@ -98,8 +104,7 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> str:
+def build_tiny_llama(out: Path) -> str:
     """A 2-layer Llama (hidden 64, one head of 64: a head_dim the vLLM CPU backend supports), SmolLM2 vocab."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -110,10 +115,14 @@ def tiny_llama_dir(tmp_path_factory) -> str:
                       num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="session")

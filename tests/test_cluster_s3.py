@@ -8,14 +8,13 @@ the lock. Node kills and the autoscaler are the slow tier's (tests/test_cluster_
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 
 from tests.cluster import REPO, LocalCluster, S3Server, can_isolate, cluster_env
-from tests.conftest import DOCS, write_beir
+from tests.cluster_scenarios import driver_env, make_tasks, run_driver, scenario_loop
 
 pytestmark = pytest.mark.integration
 
@@ -45,17 +44,7 @@ def cluster(tmp_path_factory, s3):
 
 @pytest.fixture(scope="module")
 def two_tasks(cluster):
-    """Two small BEIR tasks in a folder every node sees (like data baked into the image)."""
-    root = cluster.root / "data"
-    queries, rel = {}, {}
-    for i, (title, _) in enumerate(DOCS.values(), start=1):
-        for k, form in enumerate(["what is {}", "{} symptoms", "causes of {}"]):
-            queries[f"q{i}_{k}"] = form.format(title.lower())
-            rel[f"q{i}_{k}"] = {f"d{i}": 1}
-    a = write_beir(root / "alpha", queries=queries, qrels={"train": rel, "dev": rel, "test": rel})
-    rel_b = {f"q{i}": {f"d{i}": 1} for i in range(1, 9)}
-    b = write_beir(root / "beta", qrels={"train": rel_b, "dev": rel_b, "test": rel_b})
-    return [a, b]
+    return make_tasks(cluster.root / "data")
 
 
 @pytest.fixture(scope="module")
@@ -69,45 +58,23 @@ def model_dir(cluster, tiny_bert_dir):
     return str(dest)
 
 
-def _driver(cluster: LocalCluster, home, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """`stm-ray` as a driver on the head node (what `ray job submit` runs there), HOME ``home``."""
-    env = {**cluster.node_env(home), "RAY_ADDRESS": cluster.address}
-    return subprocess.run([sys.executable, "-m", "stm_ray.cli", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def _overrides(run_dir: str, tasks, model: str) -> list[str]:
-    return [f"run_dir={run_dir}", f"data.tasks=[beir:{tasks[0]},beir:{tasks[1]}]", "data.max_queries=null",
-            f"model.name_or_path={model}", "model.batch_size=16",
-            "synth.max_rows=null", "synth.synthetic_per_query=0", "synth.instruction_pool_size=0",
-            "synth.miners=[bm25]", "synth.mine_depth=5", "synth.shard_size=16", "synth.expert_by=task",
-            "train.batch_size=4", "train.max_steps=4", "train.checkpoint_every=2", "train.cpus_per_worker=1",
-            "search.dev_corpus_size=8", "search.dev_pool_depth=2", "search.cpus_per_trial=1",
-            "merge.searcher=grid", "merge.methods=[linear]", "merge.weight_grid=[0.5]"]
-
-
 def test_loop_on_three_nodes_with_an_s3_run_dir(cluster, s3, two_tasks, model_dir):
-    bucket = s3.create_bucket("stm-loop")
-    run = f"{bucket}/runs/r1"
-    ov = _overrides(run, two_tasks, model_dir)
     head = cluster.head_home
-
     # the worker nodes cannot see the head's folders (what a real cluster's nodes cannot either)
-    probe = ("import ray, os; ray.init(); "
-             "f = ray.remote(num_cpus=1)(lambda p: (os.environ['HOME'], tuple(os.listdir(p)) if os.path.isdir(p) else None)); "
+    probe = ("import ray, os; ray.init(); f = ray.remote(num_cpus=1)(lambda p: (os.environ['HOME'], "
+             "tuple(os.listdir(p)) if os.path.isdir(p) else None)); "
              f"print(sorted(set(ray.get([f.remote({str(head)!r}) for _ in range(4)]))))")
     (head / "only-on-the-head").write_text("x")
-    seen = subprocess.run([sys.executable, "-c", probe], env={**cluster.node_env(head), "RAY_ADDRESS": cluster.address},
-                          capture_output=True, text=True, timeout=120)
+    seen = subprocess.run([sys.executable, "-c", probe], env=driver_env(cluster, head), capture_output=True,
+                          text=True, timeout=120)
     homes = eval(seen.stdout.strip().splitlines()[-1]) if seen.returncode == 0 else None  # noqa: S307 - our own print
     assert homes and {h for h, _ in homes} == {str(cluster.root / "node1"), str(cluster.root / "node2")}, seen.stderr
     assert all(listing == () for _, listing in homes), homes
 
-    proc = _driver(cluster, head, "run", "--no-progress", "--skip", "instructions", *ov)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    keys = s3.keys("stm-loop", "runs/r1")
-    manifest = json.loads(s3.read("stm-loop", "runs/r1/manifest.json"))
-    stages = {n: s["status"] for n, s in manifest["stages"].items()}
+    r = scenario_loop(cluster, s3, two_tasks, model_dir)
+    assert r["returncode"] == 0, r["stderr_tail"]
+    run, keys, manifest = r["run"], r["keys"], r["manifest"]
+    stages = {n: st["status"] for n, st in manifest["stages"].items()}
     assert [stages[n] for n in ("synthesize", "train", "merge", "evaluate")] == ["done"] * 4, stages
     assert manifest["run_dir"] == run
     experts = sorted(manifest["stages"]["train"]["counts"]["experts"])
@@ -122,8 +89,6 @@ def test_loop_on_three_nodes_with_an_s3_run_dir(cluster, s3, two_tasks, model_di
     assert "runs/r1/merged/.stm-ray-complete.json" in keys and "runs/r1/merged/merge.json" in keys
     assert sum(k.startswith("runs/r1/eval/") for k in keys) >= 2 * 4
     assert "runs/r1/report.md" in keys and "runs/r1/.stm-ray-lock.json" not in keys
-    # the two experts trained side by side, one on each worker node (the head has no CPU)
-    assert manifest["stages"]["train"]["counts"]["experts"][experts[0]]["wall_s"] > 0
     # nothing is written outside the store but caches: the repo has no run folder, the nodes only caches
     assert not (REPO / "runs" / "r1").exists()
     for node in ("node1", "node2"):
@@ -131,23 +96,14 @@ def test_loop_on_three_nodes_with_an_s3_run_dir(cluster, s3, two_tasks, model_di
         assert top <= {".cache", "ray-start.log", ".config", ".local", ".triton"}, (node, top)
 
     # a second driver on a fresh machine (an empty cache): the store is the truth, every stage is reused
-    fresh = cluster.root / "head2"
-    fresh.mkdir()
-    again = _driver(cluster, fresh, "run", "--no-progress", "--skip", "instructions", *ov)
-    assert again.returncode == 0, again.stderr[-6000:]
-    m2 = json.loads(s3.read("stm-loop", "runs/r1/manifest.json"))
-    assert [m2["stages"][n]["action"] for n in ("synthesize", "train", "merge", "evaluate")] == ["reused"] * 4
-
+    assert r["rerun_returncode"] == 0, r["rerun_stderr_tail"]
+    assert r["rerun_actions"] == dict.fromkeys(("synthesize", "train", "merge", "evaluate"), "reused")
     # a redo removes what it replaces: new shards only, no stale object left to be read back
-    redo = _driver(cluster, fresh, "run", "--no-progress", "--stages", "synthesize", *ov, "synth.shard_size=8")
-    assert redo.returncode == 0, redo.stderr[-6000:]
-    listed = json.loads(s3.read("stm-loop", "runs/r1/synth/manifest.json"))["shards"]
-    on_store = sorted(k[len("runs/r1/synth/"):] for k in s3.keys("stm-loop", "runs/r1/synth")
-                      if k.endswith(".parquet"))
-    assert on_store == sorted(listed) and len(on_store) > len(shards)
+    assert r["redo_returncode"] == 0, r["redo_stderr_tail"]
+    assert r["redo_on_store"] == r["redo_listed"] and len(r["redo_on_store"]) > len(shards)
 
     # `stm-ray serve --write-config` of the s3 run names the store's merged model, which any node fetches
     out = cluster.root / "serve.yaml"
-    sv = _driver(cluster, fresh, "serve", run, "--write-config", str(out))
+    sv = run_driver(cluster, cluster.root / "head2", "serve", run, "--write-config", str(out))
     assert sv.returncode == 0, sv.stderr[-3000:]
     assert f"{run}/merged" in out.read_text()

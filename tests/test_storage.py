@@ -177,3 +177,36 @@ def test_relative_run_dir_in_a_ray_job_is_refused(tmp_path, monkeypatch):
     check_run_dir("s3://bucket/run")
     monkeypatch.chdir(tmp_path)
     check_run_dir("runs/local")  # a laptop's relative folder is fine
+
+
+def test_hub_ids_are_pinned_to_a_revision_and_loaded_at_it(tmp_path, monkeypatch, tiny_bert_dir):
+    """A hub id resolves to the revision it has at the start of the run (here from a hub cache laid out as
+    huggingface_hub writes it, offline): the config carries org/name@commit, each node loads exactly that snapshot,
+    and the fingerprint follows the revision."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from stm_ray.modeling.aliases import model_fingerprint, pin, resolve_model
+    from stm_ray.pipeline import pin_models
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-embed"
+    for sha in ("a" * 40, "b" * 40):
+        shutil.copytree(tiny_bert_dir, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    assert pin("acme/tiny-embed") == "acme/tiny-embed@" + "a" * 40
+    assert pin("minilm") == "minilm" and pin(tiny_bert_dir) == tiny_bert_dir
+    cfg = pin_models(load_config(None, ["model.name_or_path=acme/tiny-embed"]))
+    assert cfg.model.name_or_path == "acme/tiny-embed@" + "a" * 40
+    assert resolve_model(cfg.model.name_or_path) == str(repo / "snapshots" / ("a" * 40))
+    before = model_fingerprint(cfg.model.name_or_path)
+    (repo / "refs" / "main").write_text("b" * 40)  # upstream moved
+    (repo / "snapshots" / ("b" * 40) / "config.json").write_text(
+        (repo / "snapshots" / ("b" * 40) / "config.json").read_text().replace("32", "32 "))
+    moved = pin_models(load_config(None, ["model.name_or_path=acme/tiny-embed"])).model.name_or_path
+    assert moved.endswith("@" + "b" * 40) and model_fingerprint(moved) != before

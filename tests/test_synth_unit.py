@@ -96,3 +96,25 @@ def test_prompt_echo_and_copy_of_mined_are_dropped():
                           mined=mined)[1] == "boilerplate"
     assert check_negative(mined + ".", "short stature", "E34.328 Other genetic causes of short stature",
                           mined=mined)[1] == "copy_of_mined"
+
+
+def test_shard_writer_writes_a_row_delivered_twice_once(tmp_path):
+    """Work redone after a lost node can deliver a row again: the shard still gets each row once, counted."""
+    import pyarrow.parquet as pq
+
+    from stm_ray.synth.pipeline import _ShardWriter
+
+    plan = {("t", 0): [{"key": f"k{i}", "llm": False, "query_id": f"q{i}", "query": f"query {i}",
+                        "positive_id": f"d{i}", "positive": f"doc {i}", "instruction": None, "task": "t",
+                        "expert": "e"} for i in range(3)]}
+    w = _ShardWriter(tmp_path, plan, per_row=1, min_words=1, strict=False)
+    row = lambda i: {**plan[("t", 0)][i], "shard": 0, "mined_negatives": [f"neg {i}"], "mined_sources": ["bm25"]}  # noqa: E731
+    w.add(row(0))
+    w.add(row(0))  # again, before the shard is complete
+    w.add(row(1))
+    assert not w.written
+    w.add(row(2))
+    w.add(row(2))  # again, after the shard was written
+    assert len(w.written) == 1 and w.duplicates == 2
+    table = pq.read_table(w.written[0])
+    assert table.column("query_id").to_pylist() == ["q0", "q1", "q2"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -81,6 +82,47 @@ def smollm2_path() -> str:
 ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path, "smollm2": smollm2_path}
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(name: str) -> bool:
+    """``org/name`` (no alias, no folder here, no URI): what the Hugging Face hub would be asked for."""
+    from stm_ray.storage import is_remote
+
+    return (name not in ALIASES and not is_remote(name) and bool(_HUB_ID.match(name))
+            and not Path(name).expanduser().exists())
+
+
+def hub_revision(repo_id: str) -> str | None:
+    """The commit ``repo_id`` resolves to now: asked of the hub when online, read from this node's hub cache when
+    offline (HF_HUB_OFFLINE); None when neither knows it."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return huggingface_hub.HfApi().model_info(repo_id).sha
+        except Exception as e:  # noqa: BLE001 - falls back to the cache
+            log.warning("could not ask the hub for %s's revision (%s); using the local cache", repo_id, e)
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+    try:
+        return ref.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def pin(name: str) -> str:
+    """A hub id pinned to the revision it resolves to now (``org/name@<commit>``), so every node loads the same
+    weights and outputs are redone when the upstream model changes; anything else as is."""
+    if "@" in name or not is_hub_id(name):
+        return name
+    rev = hub_revision(name)
+    if rev is None:
+        log.warning("%s: no revision found (offline and not in the hub cache); not pinned", name)
+        return name
+    return f"{name}@{rev}"
+
+
 def resolve_model(name_or_path: str) -> str:
     """A model reference -> what this node loads: an alias -> its folder (made on this node); a folder on object
     storage (``s3://.../merged``) -> this node's fetched copy; a local folder or hub id as is. Resolve on the node
@@ -91,6 +133,11 @@ def resolve_model(name_or_path: str) -> str:
         return ALIASES[name_or_path]()
     if is_remote(name_or_path):
         return fetch_folder(name_or_path)
+    repo, _, rev = name_or_path.partition("@")
+    if rev and is_hub_id(repo):  # a pinned hub id: this node's copy of exactly that revision
+        from huggingface_hub import constants, snapshot_download
+
+        return snapshot_download(repo, revision=rev, local_files_only=constants.HF_HUB_OFFLINE)
     p = Path(name_or_path).expanduser()
     if p.exists():
         return str(p)

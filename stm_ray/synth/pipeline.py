@@ -88,6 +88,7 @@ class SynthResult:
     actor_pools: dict[str, dict[str, Any]] = field(default_factory=dict)
     fingerprint: str = ""
     reused: bool = False
+    duplicates_dropped: int = 0  # rows delivered twice by redone work (a lost node), written once
 
     @property
     def tokens_per_s(self) -> float:
@@ -100,7 +101,8 @@ class SynthResult:
                 "false_negatives_dropped": self.false_negatives_dropped, "gen_tokens": self.gen_tokens,
                 "gen_seconds": round(self.gen_seconds, 2), "tokens_per_s": round(self.tokens_per_s, 1),
                 "seconds": round(self.seconds, 2), "instruction_files": self.instruction_files,
-                "actor_pools": self.actor_pools, "fingerprint": self.fingerprint, "reused": self.reused}
+                "actor_pools": self.actor_pools, "fingerprint": self.fingerprint, "reused": self.reused,
+                "duplicates_dropped": self.duplicates_dropped}
 
 
 def synth_fingerprint(cfg: PipelineConfig) -> Fingerprint:
@@ -272,9 +274,18 @@ class _ShardWriter:
         self.expected = {sid: sum(per_row if r["llm"] else 1 for r in rows) for sid, rows in plan.items()}
         self.written: list[Path] = []
         self.gen_tokens = 0
+        self.seen: dict[tuple[str, int], set[tuple[str, int]]] = defaultdict(set)
+        self.done: set[tuple[str, int]] = set()
+        self.duplicates = 0
 
     def add(self, row: dict[str, Any]) -> None:
         sid = (row["task"], int(row["shard"]))
+        ident = (row["key"], int(row.get("gen") or 0))
+        if sid in self.done or ident in self.seen[sid]:
+            # a row delivered twice (work redone after a node died): counted, written once
+            self.duplicates += 1
+            return
+        self.seen[sid].add(ident)
         self.got[sid][row["key"]].append(row)
         self.counts[sid] += 1
         self.gen_tokens += int(row.get("gen_tokens") or 0)
@@ -283,6 +294,8 @@ class _ShardWriter:
 
     def _write(self, sid: tuple[str, int]) -> None:
         got = self.got.pop(sid)
+        self.done.add(sid)
+        self.seen.pop(sid, None)
         rows, drops, by_source, fn_dropped, generated = [], Counter(), Counter(), 0, 0
         for base in self.plan[sid]:
             parts = sorted(got[base["key"]], key=lambda r: int(r.get("gen") or 0))
@@ -468,6 +481,10 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
         result.gen_seconds = time.perf_counter() - tg
         result.gen_tokens = writer.gen_tokens
         result.shards_written = len(writer.written)
+        result.duplicates_dropped = writer.duplicates
+        if writer.duplicates:
+            log.info("synthesize: %d row(s) delivered twice (work redone after a failure) were written once",
+                     writer.duplicates)
         missing = [sid for sid in plan if not _shard_path(out, *sid).is_file()]
         if missing:
             raise RuntimeError(f"{len(missing)} shard(s) did not receive all their rows (e.g. {missing[0]}); rerun to "
