@@ -291,7 +291,10 @@ def fake_autoscaler_config(gcs_address: str, *, max_workers: int = 2, idle_minut
     return {
         "cluster_name": "stm-fake", "max_workers": max_workers, "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_minutes,
-        "provider": {"type": "fake_multinode", "gcs_address": gcs_address},
+        # no updaters (there is nothing to set up by SSH: the provider starts raylets itself), as in Ray's own
+        # fake-cluster examples
+        "provider": {"type": "fake_multinode", "gcs_address": gcs_address, "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
         "auth": {"ssh_user": "ray"},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
@@ -312,7 +315,7 @@ class AutoscaledCluster(LocalCluster):
     autoscaler's process, so they share the head's HOME (the provider has no per-node environment)."""
 
     max_workers: int = 2
-    idle_minutes: float = 0.1
+    idle_minutes: float = 0.5
 
     def start(self) -> AutoscaledCluster:
         import yaml

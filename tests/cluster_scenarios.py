@@ -254,7 +254,7 @@ import json, os, sys, time, ray
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 t0 = time.time()
 while not os.path.exists(sys.argv[2]):
-    nodes = [{"id": n["NodeID"][:12], "cpu": n["Resources"].get("CPU", 0)} for n in ray.nodes() if n["Alive"]]
+    nodes = [{"id": n["NodeID"], "cpu": n["Resources"].get("CPU", 0)} for n in ray.nodes() if n["Alive"]]
     print(json.dumps({"t": round(time.time() - t0, 1), "workers": [n["id"] for n in nodes if n["cpu"] > 0]}),
           flush=True)
     time.sleep(1)
