@@ -44,6 +44,7 @@ bench: $(STAMP) bench-infinity
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_synthesis.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_merge_search.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_serve.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_cluster.py
 
 # Infinity (the bench_serve baseline) in its own venv: it needs transformers<4.49, ours >=5.16
 bench-infinity: .venv-infinity/.installed

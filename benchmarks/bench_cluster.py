@@ -82,7 +82,9 @@ def main() -> int:
         for name in only:
             print(f"--- {name}", flush=True)
             r = runs[name]()
-            figures[name] = {k: v for k, v in r.items() if k not in ("keys", "manifest")}
+            ok = r.get("returncode") == 0
+            # logs only where something failed; the listing and manifest are the store's, not figures
+            figures[name] = {k: v for k, v in r.items() if k not in ("keys", "manifest") and not (ok and "tail" in k)}
             print({k: v for k, v in figures[name].items() if not k.endswith("tail")}, flush=True)
     finally:
         figures["processes_left"] = cluster.stop() if cluster.temp_dir else []

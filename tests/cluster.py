@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1 (all held open while choosing, so none repeats)."""
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:

@@ -15,12 +15,14 @@ from typing import Any
 from tests.cluster import REPO, LocalCluster, Node, S3Server
 from tests.conftest import DOCS, write_beir
 
+FORMS = ("what is {}", "{} symptoms", "causes of {}", "{} treatment")
 
-def make_tasks(root: Path) -> list[Path]:
-    """Two small BEIR tasks (two data sources, two experts) in a folder every node sees (data in the image)."""
+
+def make_tasks(root: Path, forms: int = 3) -> list[Path]:
+    """Two small BEIR tasks (two data sources, two experts): the first with ``forms`` phrasings per document."""
     queries, rel = {}, {}
     for i, (title, _) in enumerate(DOCS.values(), start=1):
-        for k, form in enumerate(["what is {}", "{} symptoms", "causes of {}"]):
+        for k, form in enumerate(FORMS[:forms]):
             queries[f"q{i}_{k}"] = form.format(title.lower())
             rel[f"q{i}_{k}"] = {f"d{i}": 1}
     a = write_beir(root / "alpha", queries=queries, qrels={"train": rel, "dev": rel, "test": rel})
@@ -38,6 +40,13 @@ def loop_overrides(run_dir: str, tasks: list[Path], model: str) -> list[str]:
             "train.batch_size=4", "train.max_steps=4", "train.checkpoint_every=2", "train.cpus_per_worker=1",
             "search.dev_corpus_size=8", "search.dev_pool_depth=2", "search.cpus_per_trial=1",
             "merge.searcher=grid", "merge.methods=[linear]", "merge.weight_grid=[0.5]"]
+
+
+def generation_overrides(generator: str, *, concurrency: str) -> list[str]:
+    """Synthesis with the tiny generator: two LLM negatives per pair, small batches, one thread per engine."""
+    return [f"synth.generator={generator}", "synth.synthetic_per_query=2", "synth.max_new_tokens=48",
+            "synth.max_model_len=512", "synth.min_words=1", "synth.batch_size=2", "synth.max_concurrent_batches=1",
+            "synth.max_num_seqs=2", f"synth.concurrency={concurrency}", "synth.cpu_threads=1"]
 
 
 def driver_env(cluster: LocalCluster, home: Path) -> dict[str, str]:
@@ -174,10 +183,8 @@ def scenario_synth_node_kill(cluster: LocalCluster, s3: S3Server, tasks: list[Pa
     twice."""
     bucket = s3.create_bucket("stm-synth-kill")
     run = f"{bucket}/r"
-    ov = [*loop_overrides(run, tasks, model), f"synth.generator={generator}", "synth.synthetic_per_query=2",
-          "synth.max_new_tokens=48", "synth.max_model_len=512", "synth.min_words=1", "synth.batch_size=2",
-          "synth.max_concurrent_batches=1", "synth.max_num_seqs=2", "synth.concurrency=[1,1]", "synth.shard_size=4",
-          "synth.cpu_threads=1"]
+    ov = [*loop_overrides(run, tasks, model), *generation_overrides(generator, concurrency="[1,1]"),
+          "synth.shard_size=4"]
     log = cluster.root / "synth-kill.log"
     t0 = time.perf_counter()
     driver = start_driver(cluster, cluster.head_home, "run", "--no-progress", "--stages", "synthesize", *ov, log=log)
@@ -268,9 +275,7 @@ def scenario_autoscaler(cluster, s3: S3Server, tasks: list[Path], model: str, ge
     records the alive worker nodes every second."""
     bucket = s3.create_bucket("stm-autoscale")
     run = f"{bucket}/r"
-    ov = [*loop_overrides(run, tasks, model), f"synth.generator={generator}", "synth.synthetic_per_query=2",
-          "synth.max_new_tokens=48", "synth.max_model_len=512", "synth.min_words=1", "synth.batch_size=2",
-          "synth.max_concurrent_batches=1", "synth.max_num_seqs=2", "synth.concurrency=[1,2]", "synth.cpu_threads=1",
+    ov = [*loop_overrides(run, tasks, model), *generation_overrides(generator, concurrency="[1,2]"),
           "synth.mine_concurrency=1"]
     stop = cluster.root / "watch.stop"
     watch_log = cluster.root / "watch.jsonl"

@@ -181,3 +181,32 @@ def beir_train_dev(tmp_path_factory) -> Path:
     """The tiny corpus with train and dev qrels (dev = the same judgements; enough to score an expert)."""
     rel = {f"q{i}": {f"d{i}": 1} for i in range(1, 9)}
     return write_beir(tmp_path_factory.mktemp("beir_td") / "tiny", qrels={"train": rel, "dev": rel, "test": rel})
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3 API server (moto's server mode) on 127.0.0.1, one per test module (tests/cluster.py)."""
+    from tests.cluster import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3):
+    """A Ray head with no CPUs and two 1-CPU worker nodes, each with its own HOME and mount namespace, sharing the
+    module's S3 server (tests/cluster.py); one per test module, so a module may kill its nodes."""
+    from tests.cluster import LocalCluster, can_isolate, cluster_env
+
+    why = can_isolate()
+    if why:
+        pytest.skip(f"worker nodes need their own mount namespace: {why}")
+    c = LocalCluster(tmp_path_factory.mktemp("cluster"), cluster_env(s3)).start()
+    try:
+        c.add_node("node1", cpus=1)
+        c.add_node("node2", cpus=1)
+        yield c
+    finally:
+        left = c.stop()
+        assert not left, f"processes of the test cluster survived: {left}"

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from tests.cluster import LocalCluster, S3Server, can_isolate, cluster_env
+from tests.cluster import cluster_env
 from tests.cluster_scenarios import (
     make_tasks,
     scenario_driver_restart,
@@ -21,29 +21,6 @@ from tests.cluster_scenarios import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-WHY_NOT = can_isolate()
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3):
-    if WHY_NOT:
-        pytest.skip(f"worker nodes need their own mount namespace: {WHY_NOT}")
-    c = LocalCluster(tmp_path_factory.mktemp("cluster"), cluster_env(s3)).start()
-    try:
-        c.add_node("node1", cpus=1)
-        c.add_node("node2", cpus=1)
-        yield c
-    finally:
-        left = c.stop()
-        assert not left, f"processes of the test cluster survived: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +65,7 @@ def test_a_killed_driver_is_resumed_by_the_next_one(cluster, s3, shared):
 def test_the_autoscaler_adds_nodes_for_the_synthesis_pool_and_removes_them(tmp_path_factory, s3, shared):
     """Ray's fake multi-node autoscaler on a head with no CPUs: the engine pool (synth.concurrency=[1,2]) makes it
     start 1-CPU nodes, which it removes once idle."""
-    from tests.cluster import AutoscaledCluster, cluster_env
+    from tests.cluster import AutoscaledCluster
     from tests.cluster_scenarios import scenario_autoscaler
 
     tasks, model, generator = shared

@@ -13,33 +13,10 @@ import sys
 
 import pytest
 
-from tests.cluster import REPO, LocalCluster, S3Server, can_isolate, cluster_env
+from tests.cluster import REPO
 from tests.cluster_scenarios import driver_env, make_tasks, run_driver, scenario_loop
 
 pytestmark = pytest.mark.integration
-
-WHY_NOT = can_isolate()
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3):
-    if WHY_NOT:
-        pytest.skip(f"worker nodes need their own mount namespace: {WHY_NOT}")
-    c = LocalCluster(tmp_path_factory.mktemp("cluster"), cluster_env(s3)).start()
-    try:
-        c.add_node("node1", cpus=1)
-        c.add_node("node2", cpus=1)
-        yield c
-    finally:
-        left = c.stop()
-        assert not left, f"processes of the test cluster survived: {left}"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,24 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DOCS, write_beir
+from tests.cluster import free_ports
+from tests.cluster_scenarios import make_tasks
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports on 127.0.0.1 (all held open while choosing, so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _ray(*args: str, env: dict, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
@@ -100,7 +88,7 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="stmray-")  # short: Ray's socket paths must fit in 107 bytes
     # Every port its own: the agents' defaults (e.g. 52365) are taken when another Ray runs on the machine, such
     # as the test session's in-process one, and a head whose job agent cannot bind never accepts a job.
-    gcs, dash, client, agent_http, agent_grpc, metrics, env_agent = _free_ports(7)
+    gcs, dash, client, agent_http, agent_grpc, metrics, env_agent = free_ports(7)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_worker_niceness": "0",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
            # token authentication, as on a shared cluster: the job server refuses requests without the token
@@ -131,17 +119,8 @@ def ray_head():
 
 @pytest.fixture(scope="module")
 def two_tasks(tmp_path_factory) -> list[Path]:
-    """Two small BEIR tasks (two data sources: two experts). The first has five phrasings per document."""
-    root = tmp_path_factory.mktemp("jobs_tasks")
-    queries, rel = {}, {}
-    for i, (title, _) in enumerate(DOCS.values(), start=1):
-        for k, form in enumerate(["what is {}", "{} symptoms", "causes of {}", "{} treatment"]):
-            queries[f"q{i}_{k}"] = form.format(title.lower())
-            rel[f"q{i}_{k}"] = {f"d{i}": 1}
-    a = write_beir(root / "alpha", queries=queries, qrels={"train": rel, "dev": rel, "test": rel})
-    rel_b = {f"q{i}": {f"d{i}": 1} for i in range(1, 9)}
-    b = write_beir(root / "beta", qrels={"train": rel_b, "dev": rel_b, "test": rel_b})
-    return [a, b]
+    """Two small BEIR tasks (two data sources: two experts). The first has four phrasings per document."""
+    return make_tasks(tmp_path_factory.mktemp("jobs_tasks"), forms=4)
 
 
 def test_ray_job_submit_runs_the_pipeline(ray_head, two_tasks, tiny_bert_dir, tmp_path):

@@ -26,21 +26,19 @@ from stm_ray.storage import (
     run_path,
 )
 from stm_ray.utils import atomic_dir, atomic_write_json
-from tests.cluster import S3Server
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
-    yield server
+@pytest.fixture(scope="module", autouse=True)
+def s3_env(s3):
+    """The module's S3 server (conftest), named by AWS_ENDPOINT_URL and credentials in this process."""
+    saved = {k: os.environ.get(k) for k in s3.env}
+    os.environ.update(s3.env)
+    yield s3
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
 
 
 @pytest.fixture

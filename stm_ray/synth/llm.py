@@ -242,8 +242,9 @@ def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool, 
                          query_max_tokens: int = 64):
     """The vLLM generator: ray.data.llm's processor, or on a CPU (``synth.vllm_runner``) the in-process actor.
     ``model_source`` is a reference (alias, hub id, folder, object-store URI): the in-process actor resolves it on
-    its own node; ray.data.llm's engines load what they are given, so it gets this node's folder (on a multi-node
-    cluster give a hub id or a folder every node's image has)."""
+    its own node; ray.data.llm's engines download an object-store URI on their own nodes and load anything else
+    as given, so an alias becomes this node's folder there (on a multi-node cluster give a URI, a hub id or a
+    folder every node's image has)."""
     from ray.data.llm import build_processor
 
     from stm_ray.modeling.aliases import resolve_model
@@ -251,7 +252,10 @@ def build_vllm_processor(cfg: SynthConfig, model_source: str, *, use_gpu: bool, 
     if in_process(cfg, use_gpu):
         return build_in_process_generator(cfg, model_source, use_gpu=use_gpu, check_memory=check_memory,
                                           query_max_tokens=query_max_tokens)
-    model_source = resolve_model(model_source)
+    from stm_ray.storage import is_remote
+
+    if not (use_gpu and is_remote(model_source)):  # CPU engines are sized from the folder's config here
+        model_source = resolve_model(model_source)
 
     config = vllm_processor_config(cfg, model_source, use_gpu=use_gpu, check_memory=check_memory,
                                    chat_template_stage={"num_cpus": LIGHT_CPU, "batch_size": cfg.batch_size})
