@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "unfinished one, so rerunning a finished run does nothing and changing "
                                    "train.learning_rate redoes training, merge and evaluation but not synthesis. "
                                    "<run_dir>/manifest.json records the config, package versions and per stage its "
-                                   "status, fingerprint, what the rule decided, timings and counts. On a Ray cluster "
-                                   "submit jobs/pipeline.py instead (same arguments).",
+                                   "status, fingerprint, what the rule decided, timings and counts. run_dir may be "
+                                   "s3://BUCKET/PATH or gs://... (AWS_ENDPOINT_URL for an S3-compatible server), used "
+                                   "directly with a cache per node and a lock per run: no shared disk needed. On a Ray "
+                                   "cluster submit jobs/pipeline.py instead (same arguments).",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--stages", default=None, help="comma-separated subset, e.g. train,merge (default: all but serve)")
