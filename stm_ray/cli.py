@@ -698,7 +698,13 @@ def main(argv: list[str] | None = None) -> int:
         with _SESSIONS:
             return COMMANDS[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, StoreError) as e:
-        print(f"stm-ray {args.command}: error: {e}", file=sys.stderr)
+        where = ""
+        if isinstance(e, FileNotFoundError) and not e.filename and e.__traceback__ is not None:
+            import traceback
+
+            frame = traceback.extract_tb(e.__traceback__)[-1]  # an OS error without a path: say where it came from
+            where = f" (in {Path(frame.filename).name}:{frame.lineno} {frame.name})"
+        print(f"stm-ray {args.command}: error: {e}{where}", file=sys.stderr)
         return 2
 
 

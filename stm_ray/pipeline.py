@@ -324,7 +324,8 @@ def _run_stages(cfg: PipelineConfig, chosen: list[str], session, *, corpus: str 
         except BaseException as e:
             manifest.update(name, status="failed", seconds=round(time.perf_counter() - t0, 2),
                             error=f"{type(e).__name__}: {e}"[:2000])
-            log.error("%s: failed after %.0f s: %s", head, time.perf_counter() - t0, e)
+            log.error("%s: failed after %.0f s: %s", head, time.perf_counter() - t0, e,
+                      exc_info=isinstance(e, OSError) and not getattr(e, "filename", None))
             sync()
             raise
         action = summarize(decisions)
