@@ -133,7 +133,7 @@ class RunStore:
         """The reference another node can use for ``path`` (under the working copy): its URI for a remote run,
         the path itself otherwise."""
         p = Path(path)
-        if not self.remote:
+        if not self.remote or not p.is_absolute():  # an alias or hub id, not a path (and no cwd needed)
             return str(p)
         try:
             rel = p.resolve().relative_to(self.local.resolve()).as_posix()
