@@ -208,3 +208,16 @@ def test_hub_ids_are_pinned_to_a_revision_and_loaded_at_it(tmp_path, monkeypatch
         (repo / "snapshots" / ("b" * 40) / "config.json").read_text().replace("32", "32 "))
     moved = pin_models(load_config(None, ["model.name_or_path=acme/tiny-embed"])).model.name_or_path
     assert moved.endswith("@" + "b" * 40) and model_fingerprint(moved) != before
+
+
+def test_references_of_aliases_need_no_working_directory(tmp_path, cache, monkeypatch):
+    """A Ray job's driver runs in Ray's copy of its working dir, which Ray may remove under it: handing an alias
+    or hub id to other nodes must not resolve it against the working directory."""
+    store = RunStore("s3://bucket/run")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert store.uri_of("minilm") == "minilm" and store.uri_of("org/model@abc") == "org/model@abc"
+    assert store.uri_of(store.local / "experts" / "a") == "s3://bucket/run/experts/a"
+    assert RunStore(str(tmp_path / "local-run")).uri_of("minilm") == "minilm"
