@@ -347,7 +347,7 @@ def cmd_evaluate(args) -> int:
     from stm_ray.eval import evaluate_tasks, results_table
 
     cfg = load_config(args.config, args.overrides)
-    _hold_run_dir(cfg, args.command)
+    _hold_run_dir(cfg.run_dir)
     if args.rerank:
         return _evaluate_reranked(cfg, args)
     results = evaluate_tasks(cfg, model=args.model, tasks=args.task, split=args.split, output=args.output,
@@ -388,7 +388,7 @@ def cmd_train_reranker(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _hold_run_dir(cfg, args.command)
+    _hold_run_dir(cfg.run_dir)
     if args.kind:
         have = [r.model_dump(mode="json") for r in cfg.rerank.rerankers]
         add = [RERANKER_PRESETS[k] for k in args.kind if k not in {r["name"] for r in have}]
@@ -409,7 +409,7 @@ def cmd_synthesize(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _hold_run_dir(cfg, args.command)
+    _hold_run_dir(cfg.run_dir)
     result = synthesize(cfg, show_progress=not args.no_progress)
     print("\n" + summary_table(result))
     return 0
@@ -421,7 +421,7 @@ def cmd_queries(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _hold_run_dir(cfg, args.command)
+    _hold_run_dir(cfg.run_dir)
     if not docs_tasks(cfg):
         raise ConfigError("data.tasks has no docs: task (e.g. data.tasks=[docs:path/to/corpus.jsonl])")
     counts = synthesize_queries(cfg, show_progress=not args.no_progress)
@@ -436,7 +436,7 @@ def cmd_teacher(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _hold_run_dir(cfg, args.command)
+    _hold_run_dir(cfg.run_dir)
     c = teacher_scores(cfg, show_progress=not args.no_progress)
     print(f"\nteacher {c['kind']}: {c['rows_scored']} of {c['rows']} rows scored ({c['pairs']} pairs, "
           f"{c['pairs_failed']} failed, {c['pairs_per_s'] or '-'} pairs/s) -> {run_path(cfg.run_dir) / 'teacher'} "
@@ -450,7 +450,7 @@ def cmd_train(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _hold_run_dir(cfg, args.command)
+    _hold_run_dir(cfg.run_dir)
     t0 = time.perf_counter()
     results = train_experts(cfg, shards=args.shards, only=args.expert, show_progress=not args.no_progress)
     summary = json.loads((run_path(cfg.run_dir) / "experts" / "summary.json").read_text())
@@ -467,7 +467,7 @@ def cmd_tune_prompts(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _hold_run_dir(cfg, args.command)
+    _hold_run_dir(cfg.run_dir)
     if args.train:
         out = search_pool_size(cfg, shards=args.shards, show_progress=not args.no_progress)
         rows = [{"pool size": r["pool_size"], "dev NDCG@10": r["ndcg_at_10"], "Recall@10": r["recall_at_10"]}
@@ -490,7 +490,7 @@ def cmd_merge(args) -> int:
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
-    _hold_run_dir(cfg, args.command)
+    _hold_run_dir(cfg.run_dir)
     res = search_merge(cfg, show_progress=not args.no_progress)
     print("\nmean dev NDCG@10 (Recall@10 breaks ties):")
     print(merge_table(res))
@@ -504,13 +504,13 @@ def cmd_merge(args) -> int:
 _SESSIONS = contextlib.ExitStack()
 
 
-def _hold_run_dir(cfg, command: str) -> None:
+def _hold_run_dir(run_dir: str) -> None:
     """A command that works on a run directory holds it for its duration (:class:`stm_ray.storage.RunSession`:
     the run's lock; for s3:// / gs://, its working copy fetched now and put back as it is written). ``main``
     releases it."""
     from stm_ray.storage import RunSession
 
-    _SESSIONS.enter_context(RunSession(cfg.run_dir))
+    _SESSIONS.enter_context(RunSession(run_dir))
 
 
 def _stage_list(text: str | None) -> list[str] | None:
@@ -597,9 +597,7 @@ def cmd_report(args) -> int:
     from stm_ray.storage import is_remote
 
     if is_remote(args.run_dir):
-        from stm_ray.storage import RunSession
-
-        _SESSIONS.enter_context(RunSession(args.run_dir))
+        _hold_run_dir(args.run_dir)
     path = write_report(run_path(args.run_dir))
     print_summary(run_path(args.run_dir), path)
     return 0

@@ -71,8 +71,6 @@ class Manifest:
     """``<run_dir>/manifest.json``, rewritten atomically on every change."""
 
     def __init__(self, cfg: PipelineConfig):
-        from stm_ray.storage import run_path
-
         self.path = run_path(cfg.run_dir) / MANIFEST
         self.fingerprint = config_fingerprint(cfg)
         old: dict[str, Any] = {}
@@ -293,8 +291,6 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
 
 def _run_stages(cfg: PipelineConfig, chosen: list[str], session, *, corpus: str | None, force: bool,
                 show_progress: bool) -> dict[str, Any]:
-    from stm_ray.storage import run_path
-
     local = run_path(cfg.run_dir)
     local.mkdir(parents=True, exist_ok=True)
     cfg.save(local / "config.yaml")
@@ -353,8 +349,8 @@ def serve_run(cfg: PipelineConfig, corpus: str | None, show_progress: bool = Tru
     from stm_ray.serve import start
     from stm_ray.storage import is_remote
 
-    target = cfg.run_dir if (run_path(cfg.run_dir) / "merged").is_dir() else cfg.model.name_or_path
-    if target == cfg.run_dir and not is_remote(target):
-        target = str(run_path(target))
+    # the run's merged model: by its URI on object storage (replicas fetch it), by its folder otherwise
+    run = cfg.run_dir if is_remote(cfg.run_dir) else str(run_path(cfg.run_dir))
+    target = run if (run_path(cfg.run_dir) / "merged").is_dir() else cfg.model.name_or_path
     info = start(cfg, target, corpus, show_progress=show_progress, address=os.environ.get("RAY_ADDRESS") or None)
     return {"url": info["url"], "model": info["args"]["model_name"], "corpus": corpus}

@@ -132,14 +132,21 @@ class RunStore:
     def uri_of(self, path: str | os.PathLike) -> str:
         """The reference another node can use for ``path`` (under the working copy): its URI for a remote run,
         the path itself otherwise."""
-        p = Path(path)
-        if not self.remote or not p.is_absolute():  # an alias or hub id, not a path (and no cwd needed)
-            return str(p)
-        try:
-            rel = p.resolve().relative_to(self.local.resolve()).as_posix()
-        except ValueError:
-            return str(p)
+        rel = self._rel(path) if self.remote else None
+        if rel is None:
+            return str(path)
         return f"{self.uri}/{rel}" if rel != "." else self.uri
+
+    def _rel(self, path: str | os.PathLike) -> str | None:
+        """``path`` relative to the working copy; None when it is not an absolute path in it (an alias or hub id
+        is not a path: it is never resolved against the working directory)."""
+        p = Path(path)
+        if not p.is_absolute():
+            return None
+        try:
+            return p.resolve().relative_to(self.local.resolve()).as_posix()
+        except ValueError:
+            return None
 
     def _remote_files(self, prefix: str = "") -> dict[str, tuple[int, int]]:
         """{relative path: (size, modification second)} of the objects under ``prefix``."""
@@ -282,17 +289,11 @@ class RunStore:
 
     def _local_files(self, prefix: str = "") -> dict[str, tuple[int, int]]:
         base = self.local / prefix if prefix else self.local
-        out = {}
         if base.is_file():
-            st = base.stat()
-            return {prefix: (st.st_size, st.st_mtime_ns)}
+            return {prefix: _sig(base)}
         if not base.is_dir():
             return {}
-        for p in base.rglob("*"):
-            if p.is_file():
-                st = p.stat()
-                out[p.relative_to(self.local).as_posix()] = (st.st_size, st.st_mtime_ns)
-        return out
+        return {p.relative_to(self.local).as_posix(): _sig(p) for p in base.rglob("*") if p.is_file()}
 
     def pull(self, prefix: str = "") -> tuple[int, int]:
         """Make the working copy (under ``prefix``) equal to the store: fetch what differs, remove what the store
@@ -357,11 +358,8 @@ class RunStore:
         if not self.remote:
             return
         p = Path(path)
-        try:
-            rel = p.resolve().relative_to(self.local.resolve()).as_posix()
-        except ValueError:
-            return
-        if not _wanted(rel):
+        rel = self._rel(p)
+        if rel is None or not _wanted(rel):
             return
         if p.is_dir():
             try:  # a reader must not take the folder for complete while it is rewritten

@@ -224,9 +224,9 @@ def synthetic_folder(run_dir: str | Path, spec: str) -> Path:
     return RunStore(str(run_dir)).fetch(f"{QUERIES_DIR}/{folder_name(spec)}")
 
 
-def synthetic_record(run_dir: str | Path, spec: str) -> dict | None:
-    """The queries stage's manifest for ``spec`` when it finished, else None."""
-    path = synthetic_folder(run_dir, spec) / SYNTH_MANIFEST
+def synthetic_record(run_dir: str | Path, spec: str, folder: Path | None = None) -> dict | None:
+    """The queries stage's manifest for ``spec`` when it finished, else None (``folder``: already fetched)."""
+    path = (folder or synthetic_folder(run_dir, spec)) / SYNTH_MANIFEST
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -240,11 +240,12 @@ def load_synthetic(run_dir: str | Path, spec: str, strict: bool = False) -> Retr
     ``task.synthetic_splits``."""
     from stm_ray.data.beir import load_beir
 
-    rec = synthetic_record(run_dir, spec)
+    folder = synthetic_folder(run_dir, spec)
+    rec = synthetic_record(run_dir, spec, folder)
     if rec is None:
-        raise DataError(f"{spec}: no synthetic queries yet in {synthetic_folder(run_dir, spec)} (a docs: task gets "
+        raise DataError(f"{spec}: no synthetic queries yet in {folder} (a docs: task gets "
                         "its queries from the queries stage: stm-ray run, or stm-ray queries CONFIG)")
-    task = load_beir(synthetic_folder(run_dir, spec), strict=strict, name=spec)
+    task = load_beir(folder, strict=strict, name=spec)
     task.synthetic_splits = tuple(rec.get("synthetic_splits") or ())
     task.description = rec.get("description") or task.description
     return task

@@ -16,13 +16,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from stm_ray.storage import cache_dir  # noqa: F401 - the node's cache (aliases convert into it)
+
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    from stm_ray.storage import cache_dir as node_cache
-
-    return node_cache()
 
 
 def _package_dir(module: str, pip_name: str, extra: str = "") -> Path:

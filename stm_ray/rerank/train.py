@@ -359,10 +359,9 @@ def train_reranker(cfg, spec, rows: RerankRows, *, progress_actor: str | None = 
     run_dir = run_path(cfg.run_dir).resolve()
     out = run_dir / "rerankers" / spec.name
     fp, decision, prev = decided or decide_reranker(cfg, spec, rows)
-    storage = _storage(cfg, spec.name, fp)
+    storage_path, run_name = _storage(cfg, spec.name, fp)
     if decision.action == "reuse":
         return RerankerResult(**{**prev["result"], "skipped": True})
-    storage_path, run_name = storage
     if decision.action == "redo":
         from stm_ray.train.experts import clear_old_runs
 

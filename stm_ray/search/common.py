@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from stm_ray.stage import Decision, Fingerprint, decide
+from stm_ray.storage import dir_exists, is_remote, native_uri, remove_dir
 from stm_ray.utils import save_figure
 
 log = logging.getLogger(__name__)
@@ -19,8 +20,6 @@ METRIC = "objective"
 def tune_storage(cfg) -> str:
     """Where Tune keeps the searches' experiments: the run's ``search/tune``, on the object store itself for a
     remote run (trials on any node write there)."""
-    from stm_ray.storage import native_uri
-
     return native_uri(cfg.run_dir, "search/tune")
 
 
@@ -34,8 +33,6 @@ def decide_search(fp: Fingerprint, item: str, result: Path, tune_dir: str) -> tu
     except (OSError, ValueError):
         record = None
     finished = record
-    from stm_ray.storage import dir_exists, remove_dir
-
     if record is None and dir_exists(tune_dir):
         record = {"fingerprint": fp.value}
     decision = decide(fp, item, record, complete=finished is not None, where=str(result))
@@ -62,8 +59,6 @@ def run_tuner(trainable, *, param_space: dict[str, Any], kind: str, num_samples:
               points: list[dict[str, Any]] | None = None, show_progress: bool = True):
     """Run (or resume, when ``storage/name`` holds an interrupted run) a Tune experiment; returns its ResultGrid."""
     from ray import tune
-
-    from stm_ray.storage import is_remote
 
     if not is_remote(storage):
         Path(storage).mkdir(parents=True, exist_ok=True)
