@@ -80,8 +80,15 @@ def area_names(tasks: list[str], run_dir: Path | None = None) -> dict[str, str]:
     return names
 
 
-def _bar_plot(tasks: list[str], table: dict[str, dict[str, float]], path: Path, title: str,
-              run_dir: Path | None = None) -> None:
+def _wrap(label: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(label, width=max(width, 8), break_on_hyphens=False)) or label
+
+
+def _bar_figure(tasks: list[str], table: dict[str, dict[str, float]], title: str, run_dir: Path | None = None):
+    """NDCG@10 per task and model: one group of bars per task (plus the mean), task names wrapped to their
+    group's width, the legend above the axes (never on the bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,19 +100,27 @@ def _bar_plot(tasks: list[str], table: dict[str, dict[str, float]], path: Path, 
     labels = list(table)
     x = np.arange(len(cols))
     width = 0.8 / max(len(labels), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(cols) + 1), 4.2))
+    group_in = max(1.6, 0.55 * len(labels) + 0.4)  # inches per task group
+    fig, ax = plt.subplots(figsize=(max(6.0, group_in * len(cols) + 1.2), 4.8))
     colors = {"base": "#9e9e9e", "merged": "#d62728"}
     for i, lb in enumerate(labels):
         vals = [table[lb].get(c, float("nan")) for c in cols]
         bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, vals, width, label=lb, color=colors.get(lb))
         ax.bar_label(bars, labels=[f"{v:.3f}" for v in vals], fontsize=7, rotation=90, padding=2)
-    ax.set_xticks(x, [names.get(c, c) for c in cols])
+    chars = int(group_in * 72 / 7.0 * 0.9)  # characters of 9 pt text that fit a group's width
+    ax.set_xticks(x, [_wrap(names.get(c, c), chars) for c in cols], fontsize=9)
     ax.set_ylabel("NDCG@10")
     top = max((v for r in table.values() for v in r.values() if v == v), default=1.0)
-    ax.set_ylim(0, min(1.0, top * 1.25))
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncol=min(len(labels), 4), loc="upper left")
-    save_figure(fig, path)
+    ax.set_ylim(0, min(1.0, top * 1.2))
+    ax.set_title(title, pad=8 + 14 * ((len(labels) + 2) // 3))
+    ax.legend(fontsize=8, ncol=min(len(labels), 3), loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              frameon=False)
+    return fig
+
+
+def _bar_plot(tasks: list[str], table: dict[str, dict[str, float]], path: Path, title: str,
+              run_dir: Path | None = None) -> None:
+    save_figure(_bar_figure(tasks, table, title, run_dir), path)
 
 
 def _merge_plot(merge: dict[str, Any], path: Path) -> bool:
@@ -162,6 +177,7 @@ def _throughput_plot(synth: dict[str, Any] | None, experts: dict[str, dict[str, 
         bars = ax.barh(list(vals), list(vals.values()), color="#1f77b4")
         ax.bar_label(bars, labels=[f"{v:.1f}" for v in vals.values()], fontsize=8, padding=2)
         ax.set_title(title, fontsize=10)
+        ax.set_xlabel("tokens/s, rows/s" if title == "synthesis" else "samples/s", fontsize=8)
         ax.margins(x=0.25)
     save_figure(fig, path)
     return True
