@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stm-ray {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("STM_RAY_LOG_LEVEL", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default INFO)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        default=os.environ.get("STM_RAY_VERBOSE", "") not in ("", "0"),
+                        help="also show Ray's, vLLM's, DeepSpeed's and transformers' output on the console (by default "
+                             "it goes only to the log file, <run_dir>/logs/, whose last lines an error prints)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("demo", help="the whole loop on the embedded default, offline on a CPU (~9 min on 2 cores)",
@@ -676,10 +681,19 @@ COMMANDS = {"serve": cmd_serve, "config": cmd_config, "data": cmd_data, "evaluat
             "synthesize": cmd_synthesize, "queries": cmd_queries, "teacher": cmd_teacher, "train-reranker": cmd_train_reranker, "tune-prompts": cmd_tune_prompts, "merge": cmd_merge, "run": cmd_run}
 
 
+def _interrupted(command: str) -> int:
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # a second Ctrl-C aborts at once
+    print(f"\nstm-ray {command}: interrupted (Ctrl-C again aborts at once). What was written is kept; the same "
+          "command again resumes from it.", file=sys.stderr, flush=True)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    from stm_ray import console
     from stm_ray.config import ConfigError
     from stm_ray.data import DataError
-    from stm_ray.utils import setup_logging
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -688,13 +702,16 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    setup_logging(args.log_level)
+    console.configure(args.command, verbose=args.verbose, level=args.log_level)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops the command, not one Tune trial
     from stm_ray.storage import StoreError
 
     try:
         with _SESSIONS:
             return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return _interrupted(args.command)
     except (ConfigError, DataError, FileNotFoundError, StoreError) as e:
         where = ""
         if isinstance(e, FileNotFoundError) and not e.filename and e.__traceback__ is not None:
@@ -704,6 +721,15 @@ def main(argv: list[str] | None = None) -> int:
             where = f" (in {Path(frame.filename).name}:{frame.lineno} {frame.name})"
         print(f"stm-ray {args.command}: error: {e}{where}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if console.verbose():
+            raise
+        logging.getLogger("stm_ray.cli").debug("%s failed", args.command, exc_info=True)
+        lines = console.tail(30)
+        print("\n".join(["", f"--- last lines of {console.log_file()} ---", *lines, "---"]), file=sys.stderr)
+        print(f"stm-ray {args.command}: error: {type(e).__name__}: {e}\n(the whole log, with the traceback: "
+              f"{console.log_file()}; --verbose shows everything on the console)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -297,7 +297,7 @@ def _run_stages(cfg: PipelineConfig, chosen: list[str], session, *, corpus: str 
     manifest = Manifest(cfg)
     sync = session.sync
     for name in ALL_STAGES:
-        if name not in chosen and manifest.stage(name).get("status") in ("pending", "running"):
+        if name not in chosen and manifest.stage(name).get("status") in ("pending", "running", "interrupted"):
             manifest.stage(name)["status"] = "skipped" if name != "serve" else "pending"
     manifest.save()
     # the train stage hands finished experts to it, the evaluate stage waits for it
@@ -317,6 +317,13 @@ def _run_stages(cfg: PipelineConfig, chosen: list[str], session, *, corpus: str 
                 else:
                     counts = RUNNERS[name](cfg, show_progress, **({"early": early}
                                                                   if early and name in ("train", "evaluate") else {}))
+        except KeyboardInterrupt:
+            manifest.update(name, status="interrupted", seconds=round(time.perf_counter() - t0, 2))
+            log.warning("%s: interrupted after %.0f s; its finished outputs are kept, the same command again "
+                        "resumes %s", head, time.perf_counter() - t0,
+                        " and ".join(s for s in chosen[i - 1:] if s != "serve") or name)
+            sync()
+            raise
         except BaseException as e:
             manifest.update(name, status="failed", seconds=round(time.perf_counter() - t0, 2),
                             error=f"{type(e).__name__}: {e}"[:2000])

@@ -581,6 +581,9 @@ class RunSession:
                 log.info("run_dir %s: working copy %s (%d file(s) fetched, %d removed)", self.store.uri,
                          self.store.local, fetched, removed)
             activate(self.store)
+            from stm_ray.console import attach_run
+
+            attach_run(self.store.uri)  # a CLI command's log file: <run>/logs/
         except BaseException:
             _ACTIVE_URIS[self.store.uri] -= 1
             if self.lock is not None:

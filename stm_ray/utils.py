@@ -122,7 +122,12 @@ def init_local_ray(num_cpus: int | None = None, **kwargs: Any):
         runtime_env = dict(kwargs.get("runtime_env") or {})
         runtime_env.setdefault("worker_process_setup_hook", "stm_ray.utils.quiet_ray_workers")
         kwargs["runtime_env"] = runtime_env
+    from stm_ray.console import quiet_ray, quiet_ray_logging
+
+    quiet_ray_logging()
     ray.init(num_cpus=num_cpus, **kwargs)
+
+    quiet_ray()  # a CLI command without --verbose: Ray's output to the run's log file
     return ray
 
 

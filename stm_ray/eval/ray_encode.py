@@ -29,6 +29,14 @@ class EmbedBatch:
         return {"_id": batch["_id"], "embedding": emb}
 
 
+def _pool(concurrency: int | tuple[int, int]):
+    from ray.data import ActorPoolStrategy
+
+    if isinstance(concurrency, int):
+        return ActorPoolStrategy(size=concurrency)
+    return ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
+
+
 def ray_encode(table: pa.Table, model_kwargs: dict[str, Any], *, prompt: str = "", batch_size: int = 256,
                concurrency: int | tuple[int, int] = 1, num_cpus: float = 1.0) -> np.ndarray:
     """Embed ``table['text']`` (with ``_id``) on the running Ray cluster; returns [n, dim] in table order."""
@@ -40,7 +48,7 @@ def ray_encode(table: pa.Table, model_kwargs: dict[str, Any], *, prompt: str = "
     ds = ray.data.from_arrow(table.select(["_id", "text"]))
     out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"model_kwargs": model_kwargs, "prompt": prompt,
                                                             "threads": int(num_cpus)},
-                         batch_size=batch_size, batch_format="numpy", concurrency=concurrency, num_cpus=num_cpus)
+                         batch_size=batch_size, batch_format="numpy", compute=_pool(concurrency), num_cpus=num_cpus)
     ids: list[str] = []
     embs: list[np.ndarray] = []
     for batch in out.iter_batches(batch_format="numpy", batch_size=None):

@@ -556,7 +556,8 @@ def _mine(cfg: PipelineConfig, tasks: dict[str, RetrievalTask], specs: set[str],
     if not s.miners or s.negatives_per_miner == 0:
         return ds.map_batches(MineBatch.output, batch_format="pyarrow", num_cpus=0.25)
     t0 = time.perf_counter()
-    mined = ds.map_batches(MineBatch, batch_format="pyarrow", batch_size=None, concurrency=(1, s.mine_concurrency),
+    mined = ds.map_batches(MineBatch, batch_format="pyarrow", batch_size=None,
+                           compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.mine_concurrency),
                            num_cpus=s.mine_num_cpus,
                            fn_constructor_kwargs={"corpora": corpora, "miners": list(s.miners),
                                                   "model_kwargs": Embedder.config_kwargs(cfg.model), "depth": s.mine_depth,

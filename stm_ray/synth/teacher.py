@@ -128,7 +128,7 @@ def _reranker_rows(items: list[dict[str, Any]], cfg: PipelineConfig) -> Iterator
     ds = ray.data.from_items(items).map_batches(
         RerankerScorer, fn_constructor_kwargs={"path": reranker_folder(cfg), "batch_size": cfg.teacher.batch_size,
                                                "threads": threads},
-        batch_size=cfg.teacher.batch_size * 4, concurrency=1, num_cpus=threads, batch_format="numpy")
+        batch_size=cfg.teacher.batch_size * 4, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=threads, batch_format="numpy")
     yield from ds.iter_rows()
 
 
