@@ -29,7 +29,19 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lora.r=32")
 
 
+def _stage_parser(sub, command: str) -> argparse.ArgumentParser:
+    """A stage's subcommand, with the help the stage registry (stm_ray/stages.py) gives it."""
+    from stm_ray.stages import BY_COMMAND
+
+    st = BY_COMMAND[command]
+    return sub.add_parser(command, help=st.help, description=f"{st.description}\n\nstage {st.name!r}: writes "
+                          f"{', '.join(st.writes)} in the run directory; library function {st.function}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from stm_ray.stages import help_lines
+
     parser = argparse.ArgumentParser(
         prog="stm-ray", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Synthesize-Train-Merge domain retrievers on Ray: synthesize hard negatives, train LoRA experts, "
@@ -93,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "status, fingerprint, what the rule decided, timings and counts. run_dir may be "
                                    "s3://BUCKET/PATH or gs://... (AWS_ENDPOINT_URL for an S3-compatible server), used "
                                    "directly with a cache per node and a lock per run: no shared disk needed. On a Ray "
-                                   "cluster submit jobs/pipeline.py instead (same arguments).",
+                                   "cluster submit jobs/pipeline.py instead (same arguments).\n\nStages, in order "
+                                   "(--stages / --skip take these names):\n" + help_lines(),
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--stages", default=None, help="comma-separated subset, e.g. train,merge (default: all but serve)")
@@ -107,10 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     _add_overrides(p)
 
-    p = sub.add_parser("evaluate", help="NDCG@10, Recall@10/100, MRR@10 of a model on a task split",
-                       description="Embed a task split with a model, run exact cosine search and print the metrics "
-                                   "(computed as trec_eval/mteb compute them). --output writes mteb-format JSON.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p = _stage_parser(sub, "evaluate")
     p.add_argument("--model", default=None, help="alias, folder or hub id (default: model.name_or_path of the config)")
     p.add_argument("--task", action="append", default=None,
                    help="task spec; repeat for several (default: data.tasks of the config)")
@@ -126,76 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="pipeline config YAML")
     _add_overrides(p)
 
-    p = sub.add_parser("synthesize", help="mine hard negatives and write new ones with an LLM (Ray Data + vLLM)",
-                       description="For every (query, positive) pair of the train split of data.tasks: mine hard "
-                                   "negatives (BM25 and dense, positive-aware false-negative filter), then have the "
-                                   "generator LLM (synth.generator, default SmolLM2-135M-Instruct on vLLM; or any "
-                                   "OpenAI-compatible endpoint with synth.engine=openai synth.base_url=URL and the key "
-                                   "in $OPENAI_API_KEY) write synth.synthetic_per_query new hard negatives through "
-                                   "ray.data.llm. Each generated negative is checked (empty, too short, copy of the "
-                                   "positive or query, refusal, chat boilerplate); failures are dropped and counted. "
-                                   "Writes <run_dir>/synth/<task>/part-*.parquet (the shards `stm-ray train` reads) and "
-                                   "<run_dir>/synth/instructions/<task>.json (an instruction pool). A rerun under the "
-                                   "same fingerprint writes only the missing shards; under another one (a changed synth "
-                                   "or data field, other task data) it redoes them. Joins the cluster in RAY_ADDRESS, else starts a local Ray on "
-                                   "127.0.0.1.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p = _stage_parser(sub, "synthesize")
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     _add_overrides(p)
 
-    p = sub.add_parser("queries", help="write synthetic queries for docs: tasks (Ray Data + vLLM), filtered",
-                       description="For every docs:SOURCE task of data.tasks (a corpus without queries): sample "
-                                   "queries.max_documents documents and have the generator LLM (synth.generator, vLLM "
-                                   "actors through ray.data.llm, or synth.engine=openai) write queries.per_document "
-                                   "queries each, of the kinds in queries.kinds in turn (keyword, question, lay, "
-                                   "reasoning; templates in queries.prompts, few-shot queries.examples). Filters, "
-                                   "each drop counted by reason: lexical (empty, refusal, boilerplate, too short / "
-                                   "long, copy of the document, duplicate), round trip (the base retriever must put the "
-                                   "source document in its top queries.round_trip_k), a reranker score "
-                                   "(queries.reranker; skipped without one), optionally too-easy ones "
-                                   "(queries.drop_easy). The documents with kept queries are split into train / dev / "
-                                   "test (disjoint; with queries.real_test a docs:icd10 or docs:beir:DIR source's real "
-                                   "test split is the test split). Writes <run_dir>/queries/<docs-name>/ (a BEIR folder "
-                                   "every later stage reads for that task, raw/ generations with their drop reasons, "
-                                   "manifest.json). Resumable (raw shards); a changed filter setting refilters without "
-                                   "generating again. The same stage runs first in stm-ray run.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p = _stage_parser(sub, "queries")
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     _add_overrides(p)
 
-    p = sub.add_parser("teacher", help="score every shard row's candidates with a teacher (reranker or LLM "
-                                       "feedback) for train.distill",
-                       description="Teacher scores for distillation (LLM-Embedder, GPL): for every row of the "
-                                   "synthesized shards (train.shards, default <run_dir>/synth), a score for the "
-                                   "positive and each hard negative. teacher.kind=reranker: a reranker folder "
-                                   "(teacher.reranker: a path, or the name of one of rerank.rerankers, trained by the "
-                                   "rerankers stage) in Ray Data actors; the score is its logit. teacher.kind=llm: "
-                                   "LLM feedback, the generator's (teacher.generator, default synth.generator) mean "
-                                   "log-probability of the query given the candidate (teacher.template), from vLLM's "
-                                   "prompt log-probabilities through ray.data.llm. Writes <run_dir>/teacher/ (the "
-                                   "shards with positive_score / negative_scores columns; the train stage reads them "
-                                   "when teacher.kind is set, and train.distill uses them). Resumable per shard; a "
-                                   "changed teacher or source redoes it. Runs in stm-ray run between synthesize and "
-                                   "train when teacher.kind is set.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p = _stage_parser(sub, "teacher")
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     _add_overrides(p)
 
-    p = sub.add_parser("train", help="train one LoRA expert per data source (Ray Train), in parallel",
-                       description="Contrastive training (InfoNCE over in-batch and hard negatives, same-task batches) "
-                                   "of one expert per 'expert' tag in the synthesized shards (train.shards, default "
-                                   "<run_dir>/synth), each a Ray Train run with train.num_workers workers (DDP, or "
-                                   "DeepSpeed with train.strategy=deepspeed), all experts at once as far as the Ray "
-                                   "cluster allows. Shows a progress bar per expert (step, loss, samples/s), writes "
-                                   "<run_dir>/experts/<name>/ (a sentence-transformers folder, LoRA merged, plus "
-                                   "metrics.json and loss.png) and prints a summary with dev NDCG@10 against the base. "
-                                   "A rerun reuses an expert whose fingerprint (model and train fields, its rows) matches, "
-                                   "resumes an interrupted one from its last checkpoint and retrains one whose "
-                                   "fingerprint changed. Joins the cluster in RAY_ADDRESS, else starts a local Ray on 127.0.0.1.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p = _stage_parser(sub, "train")
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--shards", default=None, help="shard folder or parquet file (default: <run_dir>/teacher with teacher.kind, else "
                                                 "train.shards or <run_dir>/synth)")
@@ -203,21 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     _add_overrides(p)
 
-    p = sub.add_parser("train-reranker", help="train the rerankers of rerank.rerankers (Ray Train), in parallel",
-                       description="Train rerankers from the synthesized shards (train.shards, default <run_dir>/synth): "
-                                   "each query's positive against its hard negatives (mined and LLM-written), softmax "
-                                   "over the group or pointwise BCE (rerank.loss). Kinds: 'cross-encoder' (an encoder "
-                                   "with a one-logit head, default all-MiniLM-L6-v2, full fine-tune) and 'llm' "
-                                   "(LimRank's pointwise LLM reranker: a decoder with LoRA, default "
-                                   "SmolLM2-135M-Instruct, asked whether the document is relevant; score = p(yes) / "
-                                   "(p(yes) + p(no))). Each is a Ray Train run (rerank.num_workers workers, DDP or "
-                                   "DeepSpeed with rerank.strategy=deepspeed), with checkpoints and resume, all at "
-                                   "once as far as the cluster allows. Writes <run_dir>/rerankers/<name>/: a Hugging "
-                                   "Face folder that sentence_transformers.CrossEncoder(path) loads (both kinds), plus "
-                                   "metrics.json and loss.png. Stage contract as everywhere: a rerun reuses a reranker "
-                                   "whose fingerprint matches. Example: stm-ray train-reranker cfg.yaml "
-                                   "'rerank.rerankers=[cross-encoder,llm]'",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p = _stage_parser(sub, "train-reranker")
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--kind", action="append", choices=["cross-encoder", "llm"], default=None,
                    help="train this preset (adds it to rerank.rerankers when missing); repeat for both")
@@ -227,18 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     _add_overrides(p)
 
-    p = sub.add_parser("tune-prompts", help="Ray Tune search over query instructions (dev NDCG@10)",
-                       description="Score candidate query instructions on the dev split of data.tasks with a fixed "
-                                   "model (no training): no instruction, the built-in task instructions, "
-                                   "search.instructions and the pools Synthesize wrote. Document embeddings are computed "
-                                   "once; each Tune trial encodes the dev queries with one instruction. Writes "
-                                   "<run_dir>/search/instructions.json and instruction_trials.png; when the model is a "
-                                   "folder of the run (an expert, merged/) the winner becomes its saved query prompt, "
-                                   "and the merge search gives it to the merged model. --train instead trains one "
-                                   "expert per instruction-pool size in search.pool_sizes (STM's generic prompts) and "
-                                   "scores each. Dev sets are capped (search.dev_max_queries) and pooled "
-                                   "(search.dev_corpus_size) to keep trials cheap.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p = _stage_parser(sub, "tune-prompts")
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--model", default=None, help="model to tune (default: <run_dir>/merged if present, else the base)")
     p.add_argument("--train", action="store_true", help="training mode: one expert per size in search.pool_sizes")
@@ -247,41 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no Tune progress tables (logs only)")
     _add_overrides(p)
 
-    p = sub.add_parser("merge", help="Ray Tune + mergekit search over merges of the experts (dev NDCG@10)",
-                       description="Merge the experts under <run_dir>/experts with mergekit's Python API (methods in "
-                                   "merge.methods: linear, ties, dare_ties, task_arithmetic). Ray Tune searches per-expert "
-                                   "weights in [0, 1] (0 drops the expert) and TIES/DARE density, with Optuna "
-                                   "(merge.searcher=optuna, merge.num_samples trials) or the paper's full grid "
-                                   "(merge.searcher=grid: merge.weight_grid x merge.density_grid). Each trial merges "
-                                   "into a scratch folder, scores mean dev NDCG@10 over data.tasks (Recall@10 breaks "
-                                   "ties) and deletes it. The winner goes to <run_dir>/merged (a sentence-transformers "
-                                   "folder) with merge.json (method, coefficients, dropped experts, dev scores of base, "
-                                   "experts and merge, the trial table); the trials are plotted in "
-                                   "<run_dir>/search/merge_trials.png. An interrupted search resumes; a finished one is "
-                                   "reused while its fingerprint (merge, model and dev-set fields, the experts, the "
-                                   "instruction) matches, and redone otherwise.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p = _stage_parser(sub, "merge")
     p.add_argument("config", nargs="?", help="pipeline config YAML (omit for the defaults)")
     p.add_argument("--no-progress", action="store_true", help="no Tune progress tables (logs only)")
     _add_overrides(p)
 
-    p = sub.add_parser("serve", help="serve a retriever with Ray Serve: OpenAI-compatible /v1/embeddings and /search",
-                       description="Deploy a retriever on Ray Serve (a local Ray on 127.0.0.1 unless --address) and keep "
-                                   "it running until Ctrl-C. RUN_DIR_OR_MODEL is a run directory (its merged/ model is "
-                                   "served), a model folder or an alias. Endpoints: POST /v1/embeddings (OpenAI "
-                                   "format; input_type query|document picks the query instruction or the document "
-                                   "prefix; encoding_format float|base64), POST /search (needs --corpus), GET /health, "
-                                   "GET /v1/models. --corpus TASK indexes that task's corpus once (a Ray task) into "
-                                   "<run_dir>/index/<task>/ and reuses it while the model is unchanged. Binds "
-                                   "serve.host (127.0.0.1 by default); serve.token_env=VAR makes every request need "
-                                   "'Authorization: Bearer $VAR'. Batching, replicas (serve.min_replicas/max_replicas "
-                                   "autoscale), CPUs/GPUs per replica and input bounds come from the serve section. "
-                                   "One replica on the local Ray answers HTTP itself (serve.ingress=auto: Ray Serve's "
-                                   "direct ingress, no proxy hop); several replicas or --address go through Serve's "
-                                   "proxy (serve.ingress=proxy forces it). "
-                                   "--write-config FILE writes a Serve config for `serve run FILE` / `serve deploy "
-                                   "FILE` (or a RayService) instead of starting.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p = _stage_parser(sub, "serve")
     p.add_argument("target", metavar="RUN_DIR_OR_MODEL", help="run directory (serves merged/), model folder or alias")
     p.add_argument("--config", help="pipeline config YAML (default: <RUN_DIR>/config.yaml when present, else defaults)")
     p.add_argument("--corpus", default=None, metavar="TASK", help="task spec whose corpus /search covers, e.g. icd10")

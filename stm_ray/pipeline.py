@@ -1,16 +1,7 @@
 """The whole Synthesize-Train-Merge loop over one run directory, with a manifest.
 
-Stages, in order (each is the library function the stage's own CLI command calls)::
-
-    queries        stm_ray.synth.synthesize_queries    <run_dir>/queries/<docs-name>/  (docs: tasks only)
-    synthesize     stm_ray.synth.synthesize            <run_dir>/synth/
-    train          stm_ray.train.train_experts         <run_dir>/experts/
-    rerankers      stm_ray.rerank.train_rerankers      <run_dir>/rerankers/        (when rerank.rerankers is set)
-    instructions   stm_ray.search.search_instructions  <run_dir>/search/instructions.json   (the base model)
-    merge          stm_ray.merge.search_merge          <run_dir>/merged/
-    evaluate       stm_ray.eval.evaluate_models        <run_dir>/eval/<base|expert-NAME|merged>/<task>.json
-    rerank         stm_ray.rerank.rerank_models        <run_dir>/eval/rerank-NAME/<task>.json  (rerank.rerankers)
-    serve          stm_ray.serve.start                 (only when asked: a long-lived application)
+The stages, their order, what each reads and writes and when it runs are the stage registry
+(:mod:`stm_ray.stages`; ``stm-ray run --help`` lists them). Each is the library function its own CLI command calls.
 
 Every stage follows the stage contract (:mod:`stm_ray.stage`): each output carries the fingerprint of what produced
 it, and a rerun reuses it when the fingerprint matches, redoes it when it does not, resumes it when unfinished.
@@ -36,13 +27,14 @@ from typing import Any
 
 from stm_ray.config import ConfigError, PipelineConfig, output_values
 from stm_ray.stage import forcing, recording, summarize
+from stm_ray.stages import LOOP, NAMES
+from stm_ray.stages import STAGES as STAGE_LIST
 from stm_ray.storage import run_path
 
 log = logging.getLogger(__name__)
 
-STAGES = ("queries", "synthesize", "rerankers", "teacher", "train", "instructions", "merge", "evaluate", "rerank")
-RERANK_STAGES = ("rerankers", "rerank")  # run only when rerank.rerankers names some
-ALL_STAGES = (*STAGES, "serve")
+STAGES = LOOP  # the loop's stages in order (stm_ray.stages is the registry)
+ALL_STAGES = NAMES
 MANIFEST = "manifest.json"
 _PACKAGES = ("stm-ray", "ray", "torch", "transformers", "sentence-transformers", "peft", "deepspeed", "vllm",
              "mergekit", "mteb")
@@ -248,6 +240,27 @@ def pin_models(cfg: PipelineConfig) -> PipelineConfig:
                                   "rerank": cfg.rerank.model_copy(update={"rerankers": specs})})
 
 
+def choose_stages(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: list[str] | None = None,
+                  serve: bool = False) -> list[str]:
+    """The stages ``stm-ray run`` runs, in loop order (:mod:`stm_ray.stages`): ``stages`` (all but serve when
+    None) minus ``skip``, minus those the config leaves out (asking for one of those by name is an error that says
+    what it needs)."""
+    unknown = [s for s in (stages or []) + (skip or []) if s not in NAMES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; stages: {', '.join(NAMES)}")
+    chosen = []
+    for st in STAGE_LIST:
+        asked = bool(stages) and st.name in stages
+        if st.name in (skip or []) or not (asked or (not stages and st.name in LOOP) or (serve and st.name == "serve")):
+            continue
+        missing = st.missing(cfg) if st.name != "serve" else None
+        if missing is None:
+            chosen.append(st.name)
+        elif asked:
+            raise ConfigError(f"stage {st.name!r} needs {missing}")
+    return chosen
+
+
 def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: list[str] | None = None,
                  serve: bool = False, corpus: str | None = None, force: bool = False,
                  show_progress: bool = True) -> dict[str, Any]:
@@ -257,27 +270,7 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
     stages even when its fingerprint matches, ``serve`` deploys the merged model on Ray Serve at
     the end (``corpus``: index that task for /search).
     """
-    unknown = [s for s in (stages or []) + (skip or []) if s not in ALL_STAGES]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown}; stages: {', '.join(ALL_STAGES)}")
-    chosen = [s for s in STAGES if (not stages or s in stages) and s not in (skip or [])]
-    if not cfg.rerank.rerankers:
-        asked = [s for s in RERANK_STAGES if stages and s in stages]
-        if asked:
-            raise ConfigError(f"stage(s) {asked} need rerank.rerankers, e.g. rerank.rerankers=[cross-encoder,llm]")
-        chosen = [s for s in chosen if s not in RERANK_STAGES]
-    if cfg.teacher.kind is None:
-        if stages and "teacher" in stages:
-            raise ConfigError("stage 'teacher' needs teacher.kind, e.g. teacher.kind=reranker "
-                              "teacher.reranker=cross-encoder (with rerank.rerankers=[cross-encoder]) or teacher.kind=llm")
-        chosen = [s for s in chosen if s != "teacher"]
-    if not any(t.startswith("docs:") for t in cfg.data.tasks):
-        if stages and "queries" in stages:
-            raise ConfigError("stage 'queries' writes queries for docs: tasks, and data.tasks has none (e.g. "
-                              "data.tasks=[docs:path/to/corpus.jsonl])")
-        chosen = [s for s in chosen if s != "queries"]
-    if serve or (stages and "serve" in stages):
-        chosen.append("serve")
+    chosen = choose_stages(cfg, stages=stages, skip=skip, serve=serve)
     import stm_ray
     from stm_ray.storage import RunSession
 

@@ -216,7 +216,7 @@ def test_rerank_stages_need_rerankers(tmp_path, tiny_beir):
     from stm_ray.pipeline import run_pipeline
 
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.tasks=[beir:{tiny_beir}]"])
-    with pytest.raises(ConfigError, match="need rerank.rerankers"):
+    with pytest.raises(ConfigError, match="stage .rerank. needs rerank.rerankers"):
         run_pipeline(cfg, stages=["rerank"], show_progress=False)
 
 

@@ -1,6 +1,6 @@
 """Deploying the retriever: what to serve, the corpus index, the Serve config file, and starting it on Ray.
 
-``stm-ray serve RUN_DIR_OR_MODEL [--corpus TASK]`` calls :func:`serve_model`; ``--write-config`` calls
+``stm-ray serve RUN_DIR_OR_MODEL [--corpus TASK]`` calls :func:`start`; ``--write-config`` calls
 :func:`serve_config_yaml`, a file that ``serve run`` / ``serve deploy`` accept and a KubeRay RayService embeds.
 """
 
