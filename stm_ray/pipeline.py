@@ -7,25 +7,23 @@ Every stage follows the stage contract (:mod:`stm_ray.stage`): each output carri
 it, and a rerun reuses it when the fingerprint matches, redoes it when it does not, resumes it when unfinished.
 The pipeline runs each chosen stage (a stage whose outputs all match returns at once), and ``manifest.json``
 records per stage its status, fingerprint, what the rule decided (``action``: ran / reused / resumed / redone, and
-per output in ``items``), start time, seconds and counts. Change a training field and rerun: the experts, the merge
-and the evaluation of the changed models are redone; synthesis and the base model's evaluation are reused.
+per output in ``items``), start time, seconds and counts (:class:`stm_ray.records.Manifest`). Change a training
+field and rerun: the experts, the merge and the evaluation of the changed models are redone; synthesis and the base
+model's evaluation are reused.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stm_ray.config import ConfigError, PipelineConfig, output_values
+from stm_ray.config import ConfigError, PipelineConfig
+from stm_ray.records import MANIFEST, Manifest, config_fingerprint, versions  # noqa: F401 - re-exported
+from stm_ray.records import now as _now
 from stm_ray.stage import forcing, recording, summarize
 from stm_ray.stages import LOOP, NAMES
 from stm_ray.stages import STAGES as STAGE_LIST
@@ -35,61 +33,6 @@ log = logging.getLogger(__name__)
 
 STAGES = LOOP  # the loop's stages in order (stm_ray.stages is the registry)
 ALL_STAGES = NAMES
-MANIFEST = "manifest.json"
-_PACKAGES = ("stm-ray", "ray", "torch", "transformers", "sentence-transformers", "peft", "deepspeed", "vllm",
-             "mergekit", "mteb")
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def config_fingerprint(cfg: PipelineConfig) -> str:
-    """The whole config's values that change outputs (for the record; each stage decides by its own fingerprint)."""
-    return hashlib.sha256(json.dumps(output_values(cfg), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class Manifest:
-    """``<run_dir>/manifest.json``, rewritten atomically on every change."""
-
-    def __init__(self, cfg: PipelineConfig):
-        self.path = run_path(cfg.run_dir) / MANIFEST
-        self.fingerprint = config_fingerprint(cfg)
-        old: dict[str, Any] = {}
-        if self.path.is_file():
-            try:
-                old = json.loads(self.path.read_text(encoding="utf-8"))
-            except ValueError:
-                log.warning("%s is not valid JSON; starting a new manifest", self.path)
-        self.data: dict[str, Any] = {"run_dir": str(cfg.run_dir), "fingerprint": self.fingerprint,
-                                     "config": cfg.model_dump(mode="json"), "versions": versions(),
-                                     "created": old.get("created", _now()), "updated": _now(),
-                                     "stages": old.get("stages", {})}
-        for name in ALL_STAGES:
-            self.data["stages"].setdefault(name, {"status": "pending"})
-
-    def stage(self, name: str) -> dict[str, Any]:
-        return self.data["stages"][name]
-
-    def update(self, name: str, **fields: Any) -> None:
-        self.data["stages"][name] = {**self.stage(name), **fields}
-        self.data["updated"] = _now()
-        self.save()
-
-    def save(self) -> None:
-        from stm_ray.utils import atomic_write_json
-
-        atomic_write_json(self.path, self.data)
 
 
 def _queries(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:

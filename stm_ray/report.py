@@ -11,31 +11,21 @@ a finished or a partial run. Plots (matplotlib, Agg)::
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from stm_ray.records import MANIFEST, read_record
 from stm_ray.tables import format_table
 from stm_ray.utils import atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)
 
 
-def _load(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as e:
-        log.warning("report: %s is not valid JSON (%s); left out", path, e)
-        return None
-
-
 def ndcg_table(run_dir: Path) -> tuple[list[str], dict[str, dict[str, float]], str]:
     """``(tasks, {label: {task: ndcg, "mean": ...}}, split)`` from the evaluate stage's counts, else from the
     mteb-format files under ``eval/``. Labels in order: base, experts, merged."""
-    manifest = _load(run_dir / "manifest.json") or {}
+    manifest = read_record(run_dir / MANIFEST, kind="run manifest") or {}
     tasks = list(((manifest.get("config") or {}).get("data") or {}).get("tasks") or [])
     ev = ((manifest.get("stages") or {}).get("evaluate") or {}).get("counts") or {}
     table: dict[str, dict[str, float]] = {k: dict(v) for k, v in (ev.get("ndcg_at_10") or {}).items()}
@@ -46,7 +36,7 @@ def ndcg_table(run_dir: Path) -> tuple[list[str], dict[str, dict[str, float]], s
         for d in sorted(p for p in (run_dir / "eval").iterdir() if p.is_dir()):
             row = {}
             for t in tasks:
-                res = _load(result_path(d, t))
+                res = read_record(result_path(d, t), kind="evaluation result")
                 if res and split in res.get("scores", {}):
                     row[t] = res["scores"][split][0]["ndcg_at_10"]
             if row:
@@ -201,7 +191,7 @@ def pipeline_table(manifest: dict[str, Any], *, ndcg: bool = True) -> str:
 def dimension_rows(run_dir: Path, labels: list[str]) -> tuple[list[str], list[list[Any]]] | None:
     """Matryoshka: mean NDCG@10 over the tasks per embedding dimension (rows, largest first; "full" on top) and
     model (columns), from the evaluate stage's counts; None when ``eval.dimensions`` was not set."""
-    manifest = _load(run_dir / "manifest.json") or {}
+    manifest = read_record(run_dir / MANIFEST, kind="run manifest") or {}
     ev = ((manifest.get("stages") or {}).get("evaluate") or {}).get("counts") or {}
     by_dim = ev.get("ndcg_at_10_by_dimension") or {}
     if not by_dim:
@@ -218,7 +208,7 @@ def dimension_rows(run_dir: Path, labels: list[str]) -> tuple[list[str], list[li
 def rerank_rows(run_dir: Path) -> tuple[list[str], list[list[Any]], dict[str, Any]] | None:
     """The rerank stage's table: one row per task and the mean, NDCG@10 of the retriever alone and with each
     reranker, then seconds per query; None when the stage has not run."""
-    manifest = _load(Path(run_dir) / "manifest.json") or {}
+    manifest = read_record(Path(run_dir) / MANIFEST, kind="run manifest") or {}
     rr = ((manifest.get("stages") or {}).get("rerank") or {}).get("counts") or {}
     table = rr.get("ndcg_at_10") or {}
     if not table.get("retriever"):
@@ -308,9 +298,10 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    manifest = _load(run_dir / "manifest.json")
+    manifest = read_record(run_dir / MANIFEST, kind="run manifest")
     if manifest is None:
-        raise FileNotFoundError(f"{run_dir}/manifest.json not found: is this a run directory of stm-ray run/demo?")
+        what = "is not a readable run manifest" if (run_dir / MANIFEST).exists() else "not found"
+        raise FileNotFoundError(f"{run_dir}/{MANIFEST} {what}: is this a run directory of stm-ray run/demo?")
     stages = manifest.get("stages") or {}
     cfg = manifest.get("config") or {}
     plots = run_dir / "report"
@@ -358,7 +349,7 @@ def write_report(run_dir: str | Path) -> Path:
     docs = [t for t in (cfg.get("data") or {}).get("tasks", []) if t.startswith("docs:")]
     synthetic_dev = (f" Dev sets of {', '.join(f'`{t}`' for t in docs)} are synthetic queries." if docs else "")
 
-    merge = _load(run_dir / "merged" / "merge.json")
+    merge = read_record(run_dir / "merged" / "merge.json", kind="merge result")
     md += ["## Merge search", ""]
     if merge:
         res = merge.get("result") or {}
@@ -376,7 +367,7 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         md += ["No merge yet.", ""]
 
-    instr = _load(run_dir / "search" / "instructions.json")
+    instr = read_record(run_dir / "search" / "instructions.json", kind="search result")
     if instr:
         md += ["## Instruction search", "",
                f"Winner: `{(instr.get('best') or {}).get('instruction') or '(none)'}` — mean dev NDCG@10 "
@@ -384,12 +375,12 @@ def write_report(run_dir: str | Path) -> Path:
                f"{(instr.get('baseline') or {}).get('ndcg_at_10', float('nan')):.4f}), {len(instr.get('trials') or [])} "
                "candidates." + synthetic_dev, ""]
 
-    synth = ((stages.get("synthesize") or {}).get("counts")) or ((_load(run_dir / "synth" / "manifest.json") or {})
-                                                                  .get("result"))
+    synth = ((stages.get("synthesize") or {}).get("counts")) or (
+        (read_record(run_dir / "synth" / "manifest.json", kind="synthesis manifest") or {}).get("result"))
     train = ((stages.get("train") or {}).get("counts") or {}).get("experts") or {}
     if not train and (run_dir / "experts").is_dir():
         for d in sorted((run_dir / "experts").iterdir()):
-            m = _load(d / "metrics.json")
+            m = read_record(d / "metrics.json", kind="expert metrics")
             if m:
                 train[d.name] = m
     md += ["## Throughput", ""]

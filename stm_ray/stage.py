@@ -160,7 +160,8 @@ def recording() -> Iterator[list[Decision]]:
 def decide(fp: Fingerprint, item: str, record: dict[str, Any] | None, *, complete: bool = True,
            where: str = "") -> Decision:
     """The one reuse rule. ``record`` is what the existing output recorded (``Fingerprint.record()``), None when
-    there is none; ``complete`` says whether that output is finished."""
+    there is none (:func:`stm_ray.records.read_record`: also when its file is corrupt or foreign); ``complete`` says
+    whether that output is finished."""
     previous = (record or {}).get("fingerprint")
     if record is None:
         action = "run"

@@ -182,7 +182,7 @@ def test_queries_stage_needs_docs_tasks(tmp_path, tiny_beir):
     from stm_ray.pipeline import run_pipeline
 
     cfg = load_config(None, [f"run_dir={tmp_path}", f"data.tasks=[beir:{tiny_beir}]"])
-    with pytest.raises(ConfigError, match="docs: tasks"):
+    with pytest.raises(ConfigError, match="stage .queries. needs a docs: task"):
         run_pipeline(cfg, stages=["queries"], show_progress=False)
 
 

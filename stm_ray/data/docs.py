@@ -27,6 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from stm_ray.data.task import DataError, DataProblem, DataReport, RetrievalTask
+from stm_ray.records import read_record
 
 log = logging.getLogger(__name__)
 
@@ -226,12 +227,8 @@ def synthetic_folder(run_dir: str | Path, spec: str) -> Path:
 
 def synthetic_record(run_dir: str | Path, spec: str, folder: Path | None = None) -> dict | None:
     """The queries stage's manifest for ``spec`` when it finished, else None (``folder``: already fetched)."""
-    path = (folder or synthetic_folder(run_dir, spec)) / SYNTH_MANIFEST
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return rec if rec.get("status") == "done" else None
+    rec = read_record((folder or synthetic_folder(run_dir, spec)) / SYNTH_MANIFEST, kind="queries manifest")
+    return rec if rec is not None and rec.get("status") == "done" else None
 
 
 def load_synthetic(run_dir: str | Path, spec: str, strict: bool = False) -> RetrievalTask:

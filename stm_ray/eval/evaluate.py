@@ -13,6 +13,7 @@ from typing import Any
 from stm_ray.data import RetrievalSplit, RetrievalTask, load_task
 from stm_ray.eval.metrics import evaluate_run
 from stm_ray.eval.search import exact_search, to_run
+from stm_ray.records import read_record
 from stm_ray.stage import Fingerprint, decide, fingerprint
 from stm_ray.storage import run_path
 from stm_ray.tables import format_table
@@ -193,10 +194,7 @@ def evaluate_models(cfg, models: dict[str, str], *, show_progress: bool = True) 
         for t, p in paths.items():
             fp = evaluation_fingerprint(cfg, model, t)
             fps.append(fp.value)
-            try:
-                prev = json.loads(p.read_text(encoding="utf-8")).get("stm_ray")
-            except (OSError, ValueError):
-                prev = None
+            prev = (read_record(p, kind="evaluation result") or {}).get("stm_ray")
             if decide(fp, f"{label} on {t}", prev, complete=True, where=str(p)).action != "reuse":
                 todo.append(t)
                 records[t] = fp.record()

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from stm_ray.records import read_record
 from stm_ray.utils import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,7 @@ def mergekit_config(method: str, weights: dict[str, float], *, base: str | None 
 def _matryoshka_dims(folder: str | Path) -> list[int]:
     from stm_ray.modeling.embedder import META_FILE
 
-    try:
-        return json.loads((Path(folder) / META_FILE).read_text()).get("matryoshka_dims") or []
-    except (OSError, ValueError):
-        return []
+    return (read_record(Path(folder) / META_FILE, kind="model metadata") or {}).get("matryoshka_dims") or []
 
 
 def _copy_support_files(src: Path, dst: Path) -> None:
@@ -140,7 +138,7 @@ def merge_models(method: str, weights: dict[str, float], out: str | Path, *, bas
                 run_merge(MergeConfiguration.model_validate(mk), out_path=str(tmp), options=options)
             _copy_support_files(Path(kept[0]), tmp)
         meta_path = tmp / META_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        meta = read_record(meta_path, kind="model metadata") or {}
         meta["merge"] = {"method": method, "weights": weights, "density": density, "base": base, **(metadata or {})}
         if meta.get("matryoshka_dims") or any(_matryoshka_dims(p) for p in kept):
             # the dimensions every merged model was trained for (the first expert's metadata was copied)

@@ -15,7 +15,6 @@ NDCG@10 over the tasks (Recall@10 breaks ties) and deletes the folder. ``merge.s
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import shutil
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 from stm_ray.data import DataError
 from stm_ray.merge.mergekit_run import USES_DENSITY, merge_models, prepare_base
+from stm_ray.records import read_record
 from stm_ray.search.common import best_row, decide_search, plot_trials, run_tuner, trial_rows, tune_storage
 from stm_ray.search.dev import cached_dev_embeddings, dev_sets, objective, score_embedder, score_folders
 from stm_ray.search.instructions import load_tasks
@@ -124,10 +124,8 @@ def query_instruction_for(cfg) -> str | None:
     winner (``<run_dir>/search/instructions.json``), else None (the experts' own)."""
     if cfg.model.query_instruction is not None:
         return cfg.model.query_instruction
-    found = run_path(cfg.run_dir) / "search" / "instructions.json"
-    if found.is_file():
-        return json.loads(found.read_text()).get("best", {}).get("instruction")
-    return None
+    found = read_record(run_path(cfg.run_dir) / "search" / "instructions.json", kind="search result") or {}
+    return (found.get("best") or {}).get("instruction")
 
 
 def merge_fingerprint(cfg, experts: dict[str, str], instruction: str | None) -> Fingerprint:
@@ -256,12 +254,10 @@ def merge_table(result: MergeSearchResult) -> str:
 def current_merged(cfg) -> str | None:
     """``<run_dir>/merged`` when the merge there is the one this config and these experts give; None otherwise (an
     older one is left out, with a warning)."""
-    import json
-
-    merged = run_path(cfg.run_dir) / "merged" / "merge.json"
-    if not merged.is_file():
+    record = read_record(run_path(cfg.run_dir) / "merged" / "merge.json", kind="merge result")
+    if record is None:
         return None
-    recorded = json.loads(merged.read_text()).get("fingerprint")
+    recorded = record.get("fingerprint")
     current = merge_fingerprint(cfg, find_experts(cfg), query_instruction_for(cfg)).value
     if recorded == current:
         return str(run_path(cfg.run_dir) / "merged")

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from stm_ray.records import read_record
 from stm_ray.storage import cache_dir  # noqa: F401 - the node's cache (aliases convert into it)
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,6 @@ def model_fingerprint(name_or_path: str) -> str:
     of its weight files; a folder that stm-ray wrote (an expert, a merge) also by the fingerprint its stage recorded
     in ``stm_ray.json``, any other folder by its weights' modification times. A hub id counts by its name."""
     import hashlib
-    import json
 
     from stm_ray.modeling.embedder import META_FILE
 
@@ -161,10 +161,7 @@ def model_fingerprint(name_or_path: str) -> str:
         return hashlib.sha256(str(name_or_path).encode()).hexdigest()[:16]
     produced = None
     for meta in (META_FILE, "stm_ray_reranker.json"):  # an expert or merge; a reranker
-        try:
-            produced = produced or json.loads((path / meta).read_text(encoding="utf-8")).get("fingerprint")
-        except (OSError, ValueError):
-            pass
+        produced = produced or (read_record(path / meta, kind="model metadata") or {}).get("fingerprint")
     h = hashlib.sha256(f"produced:{produced}".encode())
     for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
         st = f.stat()

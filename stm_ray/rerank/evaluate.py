@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from stm_ray.records import read_record
 from stm_ray.stage import Fingerprint, combine, decide, fingerprint
 from stm_ray.storage import run_path
 
@@ -133,10 +134,7 @@ def rerank_models(cfg, rerankers: dict[str, str] | None = None, *, show_progress
             fp = rerank_fingerprint(cfg, retriever, path, task)
             fps.append(fp.value)
             p = result_path(run_path(cfg.run_dir) / "eval" / f"rerank-{name}", task)
-            try:
-                prev = json.loads(p.read_text(encoding="utf-8")).get("stm_ray")
-            except (OSError, ValueError):
-                prev = None
+            prev = (read_record(p, kind="rerank evaluation result") or {}).get("stm_ray")
             outputs[name] = p
             if decide(fp, f"{name} on {task}", prev, complete=True, where=str(p)).action != "reuse":
                 todo[name] = path

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from stm_ray.records import read_record
+
 log = logging.getLogger("stm_ray.rerank")
 
 RERANKER_FILE = "stm_ray_reranker.json"
@@ -327,11 +329,7 @@ def vllm_reranker(path: str, **engine_kwargs: Any):
 
 
 def _meta(path: str) -> dict[str, Any]:
-    p = Path(path) / RERANKER_FILE
-    try:
-        return json.loads(p.read_text()) if p.is_file() else {}
-    except ValueError:
-        return {}
+    return read_record(Path(path) / RERANKER_FILE, kind="reranker metadata") or {}
 
 
 def reranker_kind(path: str) -> str:

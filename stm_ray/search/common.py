@@ -3,11 +3,11 @@ trial tables, plots."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from stm_ray.records import read_record
 from stm_ray.stage import Decision, Fingerprint, decide
 from stm_ray.storage import dir_exists, is_remote, native_uri, remove_dir
 from stm_ray.utils import save_figure
@@ -28,10 +28,7 @@ def decide_search(fp: Fingerprint, item: str, result: Path, tune_dir: str) -> tu
     search under the same fingerprint is its Tune experiment ``tune_dir``, resumed. Returns the decision and the
     finished result's record (None when there is none). Under ``--force`` the finished experiment is removed, so
     that the search really runs again."""
-    try:
-        record = json.loads(result.read_text())
-    except (OSError, ValueError):
-        record = None
+    record = read_record(result, kind="search result")
     finished = record
     if record is None and dir_exists(tune_dir):
         record = {"fingerprint": fp.value}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stm_ray.data import RetrievalTask, load_task
+from stm_ray.records import read_record
 from stm_ray.search.common import best_row, decide_search, plot_trials, run_tuner, trial_rows, tune_storage
 from stm_ray.search.dev import cached_dev_embeddings, dev_sets, objective, score_embedder, score_folders
 from stm_ray.stage import Fingerprint, fingerprint
@@ -57,12 +58,8 @@ def candidate_instructions(cfg, tasks: dict[str, RetrievalTask] | None = None) -
     out += [*DEFAULT_INSTRUCTIONS.values(), GENERIC_INSTRUCTION, *cfg.search.instructions]
     if cfg.search.use_synth_pool:
         for f in sorted((run_path(cfg.run_dir) / "synth" / "instructions").glob("*.json")):
-            try:
-                obj = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                log.warning("instruction pool %s unreadable (%s); skipped", f, e)
-                continue
-            out += [x for x in (obj.get("instructions") if isinstance(obj, dict) else obj) or [] if isinstance(x, str)]
+            pool = read_record(f, kind="instruction pool") or {}
+            out += [x for x in pool.get("instructions") or [] if isinstance(x, str)]
     return list(dict.fromkeys(x.strip() for x in out if x is not None))
 
 

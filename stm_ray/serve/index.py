@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stm_ray.records import read_record
 from stm_ray.stage import Fingerprint, decide, fingerprint
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,7 @@ class CorpusIndex:
 
 
 def read_meta(folder: str | Path) -> dict | None:
-    f = Path(folder) / META
-    return json.loads(f.read_text()) if f.is_file() else None
+    return read_record(Path(folder) / META, kind="corpus index meta")
 
 
 def current_meta(folder: str | Path, model: str, task_spec: str, *, max_length: int | None = None,

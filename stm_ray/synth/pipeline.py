@@ -42,7 +42,8 @@ from stm_ray.data import DataError, load_task
 from stm_ray.data.instructions import task_instruction
 from stm_ray.data.shards import NEGATIVE_SOURCES, shard_files, shard_stats, write_shard
 from stm_ray.data.task import RetrievalTask, stable_fraction
-from stm_ray.stage import Fingerprint, decide, fingerprint
+from stm_ray.records import StageRecord, read_record
+from stm_ray.stage import Decision, Fingerprint, fingerprint
 from stm_ray.storage import run_path
 from stm_ray.synth.autoscale import ActorPoolSampler
 from stm_ray.synth.checks import DROP_REASONS, check_negative
@@ -366,35 +367,29 @@ def _totals(out: Path, result: SynthResult) -> None:
     result.negatives_by_source = {s: by_source.get(s, 0) for s in NEGATIVE_SOURCES}
     result.drops_by_reason = {r: drops.get(r, 0) for r in DROP_REASONS}
     for p in sorted((out / "instructions").glob("*.json")):
-        result.instruction_files[json.loads(p.read_text())["task"]] = str(p)
+        pool = read_record(p, kind="instruction pool", require=("task",))
+        if pool is not None:
+            result.instruction_files[pool["task"]] = str(p)
 
 
 def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResult:
     """Mine and generate hard negatives for every train pair of ``cfg.data.tasks``; write missing shards only."""
     from tqdm.auto import tqdm
 
-    from stm_ray.utils import atomic_write_json, init_local_ray
+    from stm_ray.utils import init_local_ray
 
     t0 = time.perf_counter()
     s = cfg.synth
     out = run_path(cfg.run_dir) / "synth"
     fp = synth_fingerprint(cfg)
-    manifest_path = out / MANIFEST
-    record = _read_manifest(manifest_path)
-    listed = (record or {}).get("shards")
-    complete = bool(record) and record.get("status") == "done" and bool(listed) and all(
-        (out / f).is_file() for f in listed)
-    action = decide(fp, "shards", record, complete=complete, where=str(out)).action
-    if action == "reuse":
+    decision, manifest = prepare_shards(out, fp, cfg)
+    if decision.action == "reuse":
         result = SynthResult(out, fingerprint=fp.value, reused=True)
         _totals(out, result)
-        prev = record.get("result") or {}
+        prev = manifest.record.get("result") or {}
         result.gen_tokens, result.gen_seconds = int(prev.get("gen_tokens", 0)), float(prev.get("gen_seconds", 0.0))
         result.seconds = time.perf_counter() - t0
         return result
-    if action == "redo":
-        _clear(out)
-    atomic_write_json(manifest_path, {**fp.record(), "status": "running", "config": cfg.model_dump(mode="json")})
 
     tasks: dict[str, RetrievalTask] = {}
     pending_rows: list[dict] = []
@@ -495,8 +490,7 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
     result.fingerprint = fp.value
     result.seconds = time.perf_counter() - t0
     shards = sorted(_shard_path(out, *sid).relative_to(out).as_posix() for sid in all_shards)
-    atomic_write_json(manifest_path, {**fp.record(), "status": "done", "result": result.to_dict(), "shards": shards,
-                                      "config": cfg.model_dump(mode="json")})
+    manifest.done(result=result.to_dict(), shards=shards, config=cfg.model_dump(mode="json"))
     return result
 
 
@@ -508,14 +502,19 @@ def shard_blocks(rows: list[dict], table: pa.Table) -> list[pa.Table]:
     return [table.slice(a, b - a) for a, b in zip(starts, starts[1:])]
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        log.warning("%s is not valid JSON: what it describes is redone", path)
-        return {"fingerprint": None}
+def prepare_shards(out: Path, fp: Fingerprint, cfg: PipelineConfig) -> tuple[Decision, StageRecord]:
+    """The stage contract for the shards in ``out``: reuse when the manifest is done under ``fp`` and lists shards
+    that are all there; resume when it is running under ``fp``. Otherwise (run: no manifest, or one that is corrupt
+    or foreign; redo: another fingerprint) whatever is in ``out`` was made by an unknown or another config: it is
+    removed, and the manifest marked running, before any shard is written."""
+    manifest = StageRecord(out / MANIFEST, fp, kind="synthesis manifest")
+    decision = manifest.decide("shards", finished=lambda r: bool(r.get("shards")) and all(
+        (out / f).is_file() for f in r["shards"]))
+    if decision.action in ("run", "redo"):
+        _clear(out)
+    if decision.action != "reuse":
+        manifest.begin(config=cfg.model_dump(mode="json"))
+    return decision, manifest
 
 
 def _clear(out: Path) -> None:

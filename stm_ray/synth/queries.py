@@ -46,10 +46,10 @@ from stm_ray.config import PipelineConfig
 from stm_ray.data import DataError, RetrievalTask
 from stm_ray.data.docs import SYNTH_MANIFEST, load_docs, synthetic_folder
 from stm_ray.data.task import stable_fraction
-from stm_ray.stage import Fingerprint, combine, decide, fingerprint
+from stm_ray.records import StageRecord, read_record, write_record
+from stm_ray.stage import Fingerprint, combine, fingerprint
 from stm_ray.storage import run_path
 from stm_ray.synth.checks import QUERY_LEXICAL_REASONS, check_query, normalize_query
-from stm_ray.synth.pipeline import _read_manifest
 from stm_ray.synth.prompts import QUERY_PROMPTS
 
 log = logging.getLogger(__name__)
@@ -349,14 +349,14 @@ def _examples(raw: list[dict], per_kind: int = 2) -> dict[str, Any]:
 def synthesize_queries(cfg: PipelineConfig, *, show_progress: bool = True) -> dict[str, Any]:
     """The queries stage over every ``docs:`` task of ``cfg.data.tasks``; returns the counts per task (also each
     task's ``manifest.json``)."""
-    from stm_ray.utils import atomic_write_json, init_local_ray
+    from stm_ray.utils import init_local_ray
 
     t0 = time.perf_counter()
     q = cfg.queries
     run_dir = run_path(cfg.run_dir)
     results: dict[str, Any] = {}
     fps: dict[str, str] = {}
-    todo: dict[str, tuple[RetrievalTask, list[dict], Fingerprint, Fingerprint]] = {}
+    todo: dict[str, tuple[RetrievalTask, list[dict], StageRecord]] = {}
     pending: list[dict] = []
     folders: dict[str, Path] = {}
     for spec in docs_tasks(cfg):
@@ -364,27 +364,28 @@ def synthesize_queries(cfg: PipelineConfig, *, show_progress: bool = True) -> di
         folders[spec] = folder
         gen_fp = generation_fingerprint(cfg, spec)
         fp = queries_fingerprint(cfg, spec, gen_fp)
-        rec = _read_manifest(folder / SYNTH_MANIFEST)
-        action = decide(fp, spec, rec, complete=(rec or {}).get("status") == "done",
-                        where=str(folder)).action
+        manifest = StageRecord(folder / SYNTH_MANIFEST, fp, kind="queries manifest")
+        action = manifest.decide(spec).action
         fps[spec] = fp.value
         if action == "reuse":
-            results[spec] = rec["result"]
+            results[spec] = manifest.record["result"]
             continue
-        raw_rec = _read_manifest(folder / RAW_MANIFEST)
-        if raw_rec is not None and raw_rec.get("fingerprint") != gen_fp.value:
-            log.info("%s: the raw generations were made under another fingerprint: generating again", spec)
+        raw_rec = read_record(folder / RAW_MANIFEST, kind="raw generations manifest")
+        if raw_rec is None or raw_rec.get("fingerprint") != gen_fp.value:
+            if (folder / "raw").exists():
+                log.info("%s: the raw generations were made under %s: generating again", spec,
+                         "another fingerprint" if raw_rec else "an unknown fingerprint (no readable raw/manifest.json)")
             shutil.rmtree(folder / "raw", ignore_errors=True)
         # unfinished until the filtered task is written: a rerun under the same fingerprint resumes
-        atomic_write_json(folder / SYNTH_MANIFEST, {**fp.record(), "status": "running", "spec": spec})
-        atomic_write_json(folder / RAW_MANIFEST, {**gen_fp.record(), "spec": spec})
+        manifest.begin(spec=spec)
+        write_record(folder / RAW_MANIFEST, {**gen_fp.record(), "spec": spec})
         task = _source_task(cfg, spec)
         rows = plan_queries(task, spec, cfg)
         if not rows:
             raise DataError(f"{spec}: no document with at least {q.min_document_words} words to write queries for")
         done = {r["shard"] for r in rows if _raw_path(folder, r["shard"]).is_file()}
         pending += [r for r in rows if r["shard"] not in done]
-        todo[spec] = (task, rows, fp, gen_fp)
+        todo[spec] = (task, rows, manifest)
         log.info("queries %s: %d document(s) sampled of %d, %d generation(s) in %d raw shard(s), %d already done",
                  spec, len(rows) // q.per_document, task.corpus.num_rows, len(rows),
                  len({r["shard"] for r in rows}), len(done))
@@ -394,7 +395,7 @@ def synthesize_queries(cfg: PipelineConfig, *, show_progress: bool = True) -> di
     init_local_ray()
     tokens, gen_seconds, shards = (_generate(cfg, pending, folders, show_progress) if pending
                                    else (Counter(), 0.0, 0))
-    for spec, (task, rows, fp, _gen) in todo.items():
+    for spec, (task, rows, manifest) in todo.items():
         import pyarrow.parquet as pq
 
         folder = folders[spec]
@@ -428,9 +429,7 @@ def synthesize_queries(cfg: PipelineConfig, *, show_progress: bool = True) -> di
                   "raw_shards_written": shards, "examples": _examples(raw)}
         description = (f"{task.description}: queries written by {cfg.synth.generator} (synthetic train / dev"
                        + (", real test)" if real_test else " / test)"))
-        atomic_write_json(folder / SYNTH_MANIFEST, {**fp.record(), "status": "done", "spec": spec,
-                                                    "synthetic_splits": synthetic_splits,
-                                                    "description": description, "result": result})
+        manifest.done(spec=spec, synthetic_splits=synthetic_splits, description=description, result=result)
         results[spec] = result
         log.info("queries %s: kept %d of %d (%.0f%%); dropped %s; splits %s (test: %s)", spec, len(kept), len(raw),
                  100 * len(kept) / len(raw), {k: v for k, v in drops.items() if v}, counts, result["test"])

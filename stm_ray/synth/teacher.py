@@ -36,9 +36,9 @@ import pyarrow as pa
 from stm_ray.config import ConfigError, PipelineConfig
 from stm_ray.data.shards import SCORE_COLUMNS, read_shards, shard_files, shard_stats, write_shard
 from stm_ray.data.task import DataReport
-from stm_ray.stage import Fingerprint, decide, fingerprint
+from stm_ray.records import StageRecord, read_record
+from stm_ray.stage import Fingerprint, fingerprint
 from stm_ray.storage import run_path
-from stm_ray.synth.pipeline import _read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def reranker_folder(cfg: PipelineConfig) -> str:
 def source_fingerprint(source: Path) -> str:
     """The source shards by what produced them: Synthesize's finished manifest, else every file's name, size and
     modification time."""
-    record = _read_manifest(source / MANIFEST) if source.is_dir() else None
+    record = read_record(source / MANIFEST, kind="synthesis manifest") if source.is_dir() else None
     if record and record.get("status") == "done" and record.get("fingerprint"):
         return f"synth:{record['fingerprint']}"
     h = hashlib.sha256()
@@ -254,7 +254,7 @@ def teacher_scores(cfg: PipelineConfig, *, show_progress: bool = True) -> dict[s
     module docstring); returns the stage's counts (with its fingerprint)."""
     from tqdm.auto import tqdm
 
-    from stm_ray.utils import atomic_write_json, init_local_ray
+    from stm_ray.utils import init_local_ray
 
     if cfg.teacher.kind is None:
         raise ConfigError("the teacher stage needs teacher.kind: 'reranker' (with teacher.reranker) or 'llm'")
@@ -262,18 +262,16 @@ def teacher_scores(cfg: PipelineConfig, *, show_progress: bool = True) -> dict[s
     source = teacher_source(cfg)
     out = run_path(cfg.run_dir) / "teacher"
     fp = teacher_fingerprint(cfg)
-    path = out / MANIFEST
-    record = _read_manifest(path)
+    manifest = StageRecord(out / MANIFEST, fp, kind="teacher manifest")
     files = shard_files(source)
     rel = {f: (f.relative_to(source) if source.is_dir() else Path(f.name)) for f in files}
-    complete = bool(record) and record.get("status") == "done" and all((out / rel[f]).is_file() for f in files)
-    action = decide(fp, "scores", record, complete=complete, where=str(out)).action
+    action = manifest.decide("scores", finished=lambda r: all((out / rel[f]).is_file() for f in files)).action
     if action == "reuse":
-        return {**record["counts"], "fingerprint": fp.value, "reused": True}
+        return {**manifest.record["counts"], "fingerprint": fp.value, "reused": True}
     if action == "redo" and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {**fp.record(), "status": "running", "config": cfg.model_dump(mode="json")})
+    manifest.begin(config=cfg.model_dump(mode="json"))
 
     report = DataReport()
     todo: dict[int, tuple[Path, Path, pa.Table]] = {}
@@ -311,7 +309,7 @@ def teacher_scores(cfg: PipelineConfig, *, show_progress: bool = True) -> dict[s
               "pairs_failed": writer.failed_pairs, "bad_rows": report.counts(),
               "pairs_per_s": round(len(items) / score_s, 2) if items and score_s > 0 else None,
               "seconds": round(time.perf_counter() - t0, 2)}
-    atomic_write_json(path, {**fp.record(), "status": "done", "counts": counts, "config": cfg.model_dump(mode="json")})
+    manifest.done(counts=counts, config=cfg.model_dump(mode="json"))
     log.info("teacher %s: %d of %d rows scored (%d pairs failed) in %.0f s", cfg.teacher.kind, writer.scored,
              writer.rows, writer.failed_pairs, counts["seconds"])
     return {**counts, "fingerprint": fp.value}
