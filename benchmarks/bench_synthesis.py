@@ -38,7 +38,7 @@ def build_prompts(n: int, path: Path) -> None:
     from stm_ray.config import load_config
     from stm_ray.data import load_task
     from stm_ray.synth.mine import BM25Index
-    from stm_ray.synth.pipeline import plan_pairs
+    from stm_ray.synth.negatives import plan_pairs
     from stm_ray.synth.prompts import negative_messages
 
     cfg = load_config(None, [f"synth.max_rows={n}"])

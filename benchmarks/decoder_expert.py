@@ -166,7 +166,7 @@ def main() -> int:
     from stm_ray.merge import merge_models
     from stm_ray.merge.mergekit_run import prepare_base
     from stm_ray.modeling.aliases import smollm2_path
-    from stm_ray.search.dev import pooled_split
+    from stm_ray.tune.dev import pooled_split
     from stm_ray.utils import setup_logging
 
     setup_logging()

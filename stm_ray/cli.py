@@ -312,7 +312,7 @@ def cmd_train_reranker(args) -> int:
 def cmd_synthesize(args) -> int:
     from stm_ray.config import load_config
     from stm_ray.synth import synthesize
-    from stm_ray.synth.pipeline import summary_table
+    from stm_ray.synth.negatives import summary_table
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
@@ -339,7 +339,7 @@ def cmd_queries(args) -> int:
 
 def cmd_teacher(args) -> int:
     from stm_ray.config import load_config
-    from stm_ray.synth.teacher import teacher_scores
+    from stm_ray.teacher.scores import teacher_scores
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)
@@ -369,8 +369,8 @@ def cmd_train(args) -> int:
 
 def cmd_tune_prompts(args) -> int:
     from stm_ray.config import load_config
-    from stm_ray.search import instruction_table, search_instructions, search_pool_size
     from stm_ray.tables import format_table
+    from stm_ray.tune import instruction_table, search_instructions, search_pool_size
 
     _split_config_arg(args)
     cfg = load_config(args.config, args.overrides)

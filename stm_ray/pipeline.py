@@ -48,7 +48,7 @@ def _synthesize(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
 
 
 def _teacher(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
-    from stm_ray.synth.teacher import teacher_scores
+    from stm_ray.teacher.scores import teacher_scores
 
     return teacher_scores(cfg, show_progress=show_progress)
 
@@ -105,7 +105,7 @@ def _train(cfg: PipelineConfig, show_progress: bool, early: EarlyEvaluation | No
 
 
 def _instructions(cfg: PipelineConfig, show_progress: bool) -> dict[str, Any]:
-    from stm_ray.search import search_instructions
+    from stm_ray.tune import search_instructions
 
     # the loop tunes the base model: the merge search gives the winner to the merged model
     r = search_instructions(cfg, model=cfg.model.name_or_path, show_progress=show_progress)
@@ -225,6 +225,16 @@ def run_pipeline(cfg: PipelineConfig, *, stages: list[str] | None = None, skip: 
         return _run_stages(cfg, chosen, session, corpus=corpus, force=force, show_progress=show_progress)
 
 
+def _release_generators() -> None:
+    import sys
+
+    if "stm_ray.synth.llm" in sys.modules:
+        from stm_ray.synth.llm import release_engines
+
+        if release_engines():
+            log.debug("generator engine stopped")
+
+
 def _run_stages(cfg: PipelineConfig, chosen: list[str], session, *, corpus: str | None, force: bool,
                 show_progress: bool) -> dict[str, Any]:
     local = run_path(cfg.run_dir)
@@ -267,6 +277,8 @@ def _run_stages(cfg: PipelineConfig, chosen: list[str], session, *, corpus: str 
                       exc_info=isinstance(e, OSError) and not getattr(e, "filename", None))
             sync()
             raise
+        if name != "queries":  # the queries stage's generator is Synthesize's too (synth.llm.shared_engine)
+            _release_generators()
         action = summarize(decisions)
         manifest.update(name, status="done", seconds=round(time.perf_counter() - t0, 2), finished=_now(),
                         fingerprint=counts.get("fingerprint"), action=action,

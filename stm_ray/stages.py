@@ -117,7 +117,7 @@ STAGES: tuple[Stage, ...] = (
                      " whose fingerprint matches. Example: stm-ray train-reranker cfg.yaml "
                      "'rerank.rerankers=[cross-encoder,llm]'")),
     Stage(
-        name='teacher', function='stm_ray.synth.teacher:teacher_scores', command='teacher',
+        name='teacher', function='stm_ray.teacher.scores:teacher_scores', command='teacher',
         reads=('synth/', 'rerankers/'), writes=('teacher/',),
         runs_when='teacher.kind is set', needs=_has_teacher,
         help=("score every shard row's candidates with a teacher (reranker or LLM feedback) for "
@@ -151,7 +151,7 @@ STAGES: tuple[Stage, ...] = (
                      " fingerprint changed. Joins the cluster in RAY_ADDRESS, else starts a local Ray on "
                      "127.0.0.1.")),
     Stage(
-        name='instructions', function='stm_ray.search:search_instructions', command='tune-prompts',
+        name='instructions', function='stm_ray.tune:search_instructions', command='tune-prompts',
         reads=('data.tasks dev split', 'synth/instructions/'), writes=('search/instructions.json',),
         runs_when='always', needs=None,
         help=("Ray Tune search over query instructions (dev NDCG@10)"),

@@ -210,3 +210,19 @@ def cluster(tmp_path_factory, s3):
     finally:
         left = c.stop()
         assert not left, f"processes of the test cluster survived: {left}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_shared_generator():
+    """A shared vLLM engine (stm_ray.synth.llm.shared_engine) lives while the driver does: within a module, tests
+    with the same generator settings reuse it; it is stopped after each module."""
+    yield
+    import sys
+
+    if "stm_ray.synth.llm" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            sys.modules["stm_ray.synth.llm"].release_engines()
+        else:
+            sys.modules["stm_ray.synth.llm"]._ENGINES.clear()

@@ -142,7 +142,7 @@ def test_shard_schema_2_and_older_shards(tmp_path):
 def test_llm_feedback_prompts_and_mean_logprob(tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    from stm_ray.synth.teacher import feedback_prompts, mean_logprob
+    from stm_ray.teacher.scores import feedback_prompts, mean_logprob
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     items = [{"query": "salmonella fever", "document": "Salmonella infection from food. " * 200},
@@ -161,7 +161,7 @@ def test_llm_feedback_prompts_and_mean_logprob(tiny_llama_dir):
 def test_teacher_config_errors(tmp_path):
     from stm_ray.config import ConfigError, load_config
     from stm_ray.pipeline import run_pipeline
-    from stm_ray.synth.teacher import teacher_fingerprint
+    from stm_ray.teacher.scores import teacher_fingerprint
 
     with pytest.raises(ConfigError, match="teacher.kind=reranker needs teacher.reranker"):
         load_config(None, ["teacher.kind=reranker"])
@@ -247,7 +247,7 @@ def test_llm_feedback_through_vllm_equals_transformers(tmp_path, ray_local, tiny
 
     from stm_ray.config import load_config
     from stm_ray.data.shards import read_shards
-    from stm_ray.synth.teacher import feedback_prompts, teacher_scores
+    from stm_ray.teacher.scores import feedback_prompts, teacher_scores
 
     shards = make_shards(tmp_path / "shards", f"beir:{tiny_beir}", experts=("alpha",), copies=1)
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"train.shards={shards}", "teacher.kind=llm",

@@ -139,8 +139,8 @@ def test_base_evaluation_reuses_the_corpus_embeddings_mining_cached(tiny_bert_di
     or model config never finds them."""
     from stm_ray.config import load_config
     from stm_ray.eval.evaluate import evaluate_tasks
-    from stm_ray.search.dev import cached_dev_embeddings, dev_sets
-    from stm_ray.synth.pipeline import cached_corpus_embeddings, corpus_cache_path
+    from stm_ray.synth.negatives import cached_corpus_embeddings, corpus_cache_path
+    from stm_ray.tune.dev import cached_dev_embeddings, dev_sets
 
     spec = f"beir:{beir_train_dev}"
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.tasks=[{spec}]",

@@ -105,7 +105,7 @@ def test_stage_record_sequence_writes_the_fields_stages_always_wrote(tmp_path):
 def test_a_corrupt_or_foreign_stage_record_means_run_everywhere(tmp_path, warnings, text):
     """The same rule for every stage: a corrupt synthesis manifest (once 'redo' there) and a corrupt queries
     manifest (always 'run') both mean run; synthesis then removes the shards nobody can vouch for."""
-    from stm_ray.synth.pipeline import prepare_shards
+    from stm_ray.synth.negatives import prepare_shards
 
     cfg = _cfg(tmp_path)
     out = tmp_path / "run" / "synth"
@@ -130,7 +130,7 @@ def test_a_corrupt_or_foreign_stage_record_means_run_everywhere(tmp_path, warnin
 
 
 def test_synthesis_reuses_only_a_done_manifest_whose_shards_are_all_there(tmp_path):
-    from stm_ray.synth.pipeline import prepare_shards
+    from stm_ray.synth.negatives import prepare_shards
 
     cfg = _cfg(tmp_path)
     out = tmp_path / "run" / "synth"

@@ -62,7 +62,7 @@ def test_grid_merge_search_writes_the_winner(ray_local, merge_run):
     assert st.encode(["salmonella illness"]).shape == (1, 32)
     assert "merged (" in merge_table(res)
     # the merged model scores what the search said
-    from stm_ray.search.dev import dev_sets, score_embedder
+    from stm_ray.tune.dev import dev_sets, score_embedder
 
     again = score_embedder(Embedder.from_pretrained(str(merged), device="cpu"), dev_sets(cfg))
     assert again.ndcg_at_10 == pytest.approx(res.dev["ndcg_at_10"], abs=1e-6)
@@ -102,8 +102,8 @@ def test_instruction_search_scores_every_candidate_and_saves_the_winner(ray_loca
                                                                         beir_train_dev):
     from sentence_transformers import SentenceTransformer
 
-    from stm_ray.search import instruction_table, search_instructions
-    from stm_ray.search.dev import dev_sets, score_embedder
+    from stm_ray.tune import instruction_table, search_instructions
+    from stm_ray.tune.dev import dev_sets, score_embedder
 
     run = tmp_path / "run"
     _make_experts(tiny_bert_dir, run, names=("alpha",))
@@ -134,7 +134,7 @@ def test_instruction_search_scores_every_candidate_and_saves_the_winner(ray_loca
 
 @pytest.mark.slow  # ~1 min (a Ray Train run per pool size inside Tune); slow tier keeps the fast one under 25 min
 def test_pool_size_search_trains_one_expert_per_size(ray_local, tmp_path, tiny_bert_dir, beir_train_dev):
-    from stm_ray.search import search_pool_size
+    from stm_ray.tune import search_pool_size
     from tests.conftest import make_shards
 
     run = tmp_path / "run"

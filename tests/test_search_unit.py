@@ -10,7 +10,7 @@ from stm_ray.config import load_config
 from stm_ray.data import RetrievalSplit
 from stm_ray.merge.search import _grid_points, _read_point
 from stm_ray.modeling import instruction_prefix
-from stm_ray.search.dev import pooled_split
+from stm_ray.tune.dev import pooled_split
 
 
 def test_instruction_prefix():
@@ -52,7 +52,7 @@ def test_grid_points_follow_the_paper_grid():
 
 
 def test_candidates_include_none_builtins_config_and_synth_pool(tmp_path, tiny_beir):
-    from stm_ray.search import candidate_instructions
+    from stm_ray.tune import candidate_instructions
 
     (tmp_path / "synth" / "instructions").mkdir(parents=True)
     (tmp_path / "synth" / "instructions" / "t.json").write_text(json.dumps({"instructions": ["Pooled one", "Mine"]}))
@@ -88,7 +88,7 @@ def test_dev_score_at_a_chosen_dimension(tiny_bert_dir, tiny_beir):
     """merge.dimension: trials are scored on cut embeddings, as the Embedder cutting them itself would score."""
     from stm_ray.data import load_task
     from stm_ray.modeling import Embedder
-    from stm_ray.search.dev import score_embedder
+    from stm_ray.tune.dev import score_embedder
 
     sp = load_task(f"beir:{tiny_beir}").split("test")
     sp.task = "t"

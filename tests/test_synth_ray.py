@@ -69,7 +69,7 @@ def test_synthesize_writes_mined_and_synthetic_negatives(ray_local, tiny_llama_d
     rows = _check_shards(out, {(f"q{i}", f"d{i}") for i in range(1, 9)})
     # synthetic_max_rows: 5 of the 8 rows went to the generator, the other 3 kept their mined negatives only
     from stm_ray.data import load_task
-    from stm_ray.synth.pipeline import plan_pairs
+    from stm_ray.synth.negatives import plan_pairs
 
     planned = plan_pairs(load_task(cfg.data.tasks[0]), cfg.data.tasks[0], cfg)
     to_llm = {r["query_id"] for r in planned if r["llm"]}

@@ -65,7 +65,7 @@ def test_instruction_cleaning_and_task_defaults():
 def test_plan_pairs_shards_and_expert_tags(tiny_beir):
     from stm_ray.config import ConfigError, load_config
     from stm_ray.data import load_task
-    from stm_ray.synth.pipeline import plan_pairs
+    from stm_ray.synth.negatives import plan_pairs
 
     task = load_task(f"beir:{tiny_beir}")
     cfg = load_config(None, ["synth.shard_size=3", "data.train_split=test"])
@@ -102,7 +102,7 @@ def test_shard_writer_writes_a_row_delivered_twice_once(tmp_path):
     """Work redone after a lost node can deliver a row again: the shard still gets each row once, counted."""
     import pyarrow.parquet as pq
 
-    from stm_ray.synth.pipeline import _ShardWriter
+    from stm_ray.synth.negatives import _ShardWriter
 
     plan = {("t", 0): [{"key": f"k{i}", "llm": False, "query_id": f"q{i}", "query": f"query {i}",
                         "positive_id": f"d{i}", "positive": f"doc {i}", "instruction": None, "task": "t",

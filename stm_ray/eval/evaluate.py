@@ -143,7 +143,7 @@ def evaluate_tasks(cfg, *, model: str | None = None, tasks: list[str] | None = N
     Arguments left as None come from the config (``model.name_or_path``, ``data.tasks``, ``data.test_split``, ...).
     """
     from stm_ray.modeling import Embedder
-    from stm_ray.synth.pipeline import cached_corpus_embeddings
+    from stm_ray.synth.negatives import cached_corpus_embeddings
 
     model_cfg = cfg.model if model is None else cfg.model.model_copy(update={"name_or_path": model})
     tasks = tasks or cfg.data.tasks

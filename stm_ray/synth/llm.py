@@ -139,17 +139,21 @@ class InProcessVLLM:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # calls waiting for their rows to be added
         self._finished: dict[str, Any] = {}  # request id -> finished output, until its call collects it
 
-    def __call__(self, batch):
+    def __call__(self, batch, query_max_tokens: int | None = None):
         import pyarrow as pa
         from vllm import SamplingParams
 
         rows = batch.to_pylist()
-        results = self._generate(rows, SamplingParams)
+        results = self._generate(rows, SamplingParams, query_max_tokens)
         text, tokens, errors = ([r[i] for r in results] for i in range(3))
         out = batch.select(list(PASSTHROUGH))
         return (out.append_column("generated", pa.array(text, pa.string()))
                    .append_column("gen_tokens", pa.array(tokens, pa.int64()))
                    .append_column("engine_error", pa.array(errors, pa.string())))
+
+    def generate_table(self, batch, query_max_tokens: int | None = None):
+        """The same as calling the UDF (the shared engine's method, see :func:`shared_engine`)."""
+        return self(batch, query_max_tokens)
 
     @staticmethod
     def _key(request_id: str) -> str:
@@ -170,9 +174,11 @@ class InProcessVLLM:
                     ids.append(RuntimeError(f"{type(e).__name__}: {e}"[:300]))
             job["ids"] = ids
 
-    def _generate(self, rows: list[dict[str, Any]], sampling_params) -> list[tuple[str, int, str]]:
+    def _generate(self, rows: list[dict[str, Any]], sampling_params,
+                  query_max_tokens: int | None = None) -> list[tuple[str, int, str]]:
         """(text, tokens, error) per row."""
-        params = [sampling_params(**_sampling(self.cfg, r, seeded=self.use_gpu, query_max_tokens=self.query_max_tokens))
+        qmax = self.query_max_tokens if query_max_tokens is None else query_max_tokens
+        params = [sampling_params(**_sampling(self.cfg, r, seeded=self.use_gpu, query_max_tokens=qmax))
                   for r in rows]
         job = {"messages": [messages_for(r, self.cfg.prompt_max_chars) for r in rows], "params": params,
                "ids": None}
@@ -209,12 +215,76 @@ class InProcessVLLM:
         return results  # type: ignore[return-value]
 
 
+class EngineClient:
+    """Ray Data UDF in front of a shared engine (:func:`shared_engine`): it holds the CPUs the engine computes with
+    while a dataset streams (the engine actor itself asks for none, so it can stay up between stages) and hands
+    each batch to the engine."""
+
+    def __init__(self, engine, query_max_tokens: int) -> None:
+        self.engine, self.query_max_tokens = engine, query_max_tokens
+
+    def __call__(self, batch):
+        import ray
+
+        return ray.get(self.engine.generate_table.remote(batch, self.query_max_tokens))
+
+
+_ENGINES: dict[str, Any] = {}  # key -> actor handle: the driver's shared engine (one at a time)
+
+
+def _engine_key(*parts: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def shared_engine(cfg: SynthConfig, model_source: str, kwargs: dict[str, Any], threads: int):
+    """The driver's one CPU engine for ``(generator, engine arguments)``: started on first use and kept while the
+    driver runs, so the queries stage and Synthesize use one engine (one vLLM start, not two). Owned by the driver
+    (it ends with it); asking for another engine, or :func:`release_engines`, stops the previous one."""
+    import ray
+
+    key = _engine_key(ray.get_runtime_context().get_job_id(), cfg.model_dump(mode="json"), model_source, kwargs,
+                      threads)
+    handle = _ENGINES.get(key)
+    if handle is not None:
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=60)
+            return handle
+        except Exception:  # noqa: BLE001 - gone (killed, or another Ray): start a new one
+            _ENGINES.pop(key, None)
+    release_engines()
+    actor = ray.remote(InProcessVLLM).options(
+        num_cpus=0, max_concurrency=max(2, cfg.max_concurrent_batches + 1), name=f"stm-ray-generator-{key}",
+        max_restarts=1)
+    _ENGINES[key] = actor.remote(cfg, model_source, kwargs, False, 64, threads)
+    return _ENGINES[key]
+
+
+def release_engines() -> int:
+    """Stop the driver's shared engines (the pipeline calls it once no later stage generates); returns how many."""
+    n = 0
+    while _ENGINES:
+        _, handle = _ENGINES.popitem()
+        try:
+            import ray
+
+            ray.kill(handle)
+            n += 1
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    return n
+
+
 def build_in_process_generator(cfg: SynthConfig, model_source: str, *, use_gpu: bool, check_memory: bool = True,
                                query_max_tokens: int = 64):
     """The generator as a Ray Data actor pool of :class:`InProcessVLLM` (``synth.concurrency`` actors, one CPU
-    or one GPU each): a function from a dataset of rows to the generated dataset, like a ray.data.llm processor."""
+    or one GPU each): a function from a dataset of rows to the generated dataset, like a ray.data.llm processor.
+    With one engine on a one-node CPU Ray (``synth.concurrency`` [1, 1], the default) the engine is the driver's
+    shared one (:func:`shared_engine`), reused by the next stage that generates with the same settings."""
     from stm_ray.modeling.aliases import resolve_model
-    from stm_ray.synth.pipeline import _node_cpus
+    from stm_ray.synth.negatives import _node_cpus
 
     kwargs = vllm_engine_kwargs(cfg, use_gpu, resolve_model(model_source), check=check_memory)
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
@@ -223,10 +293,22 @@ def build_in_process_generator(cfg: SynthConfig, model_source: str, *, use_gpu: 
     threads = cfg.cpu_threads or max(1, _node_cpus() // cfg.concurrency[1])
 
     def generate(ds):
+        import ray
         from ray.data import ActorPoolStrategy
+
+        # shared on one node only: the engine asks for no CPU, so on a cluster it could land on any node
+        shared = (not use_gpu and cfg.concurrency[1] == 1
+                  and sum(1 for n in ray.nodes() if n.get("Alive")) == 1)
 
         # each actor runs max_concurrent_batches calls at once (threads, not serialised by Ray Data: the UDF
         # orders its engine access itself), all feeding its one engine
+        if shared:
+            engine = shared_engine(cfg, model_source, kwargs, threads)
+            pool = ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=cfg.max_concurrent_batches,
+                                     enable_true_multi_threading=True)
+            return ds.map_batches(EngineClient, fn_constructor_kwargs={"engine": engine,
+                                                                       "query_max_tokens": query_max_tokens},
+                                  batch_size=cfg.batch_size, batch_format="pyarrow", compute=pool, **resources)
         pool = ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1],
                                  max_concurrent_calls_per_actor=cfg.max_concurrent_batches,
                                  enable_true_multi_threading=True)

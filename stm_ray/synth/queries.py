@@ -165,7 +165,7 @@ def _generate(cfg: PipelineConfig, pending: list[dict], folders: dict[str, Path]
     from tqdm.auto import tqdm
 
     from stm_ray.synth.autoscale import ActorPoolSampler
-    from stm_ray.synth.pipeline import _rows_table, build_generator, shard_blocks
+    from stm_ray.synth.negatives import _rows_table, build_generator, shard_blocks
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -230,7 +230,7 @@ def filter_queries(cfg: PipelineConfig, task: RetrievalTask, spec: str, raw: lis
 
     from stm_ray.data.task import doc_text
     from stm_ray.modeling import Embedder
-    from stm_ray.synth.pipeline import _corpus_embeddings
+    from stm_ray.synth.negatives import _corpus_embeddings
 
     q = cfg.queries
     c = task.corpus

@@ -121,7 +121,7 @@ class RerankerScorer:
 def _reranker_rows(items: list[dict[str, Any]], cfg: PipelineConfig) -> Iterator[dict[str, Any]]:
     import ray
 
-    from stm_ray.synth.pipeline import _node_cpus
+    from stm_ray.synth.negatives import _node_cpus
 
     # one actor with the CPUs it uses as torch threads: all but one of the largest node's (the driver's share)
     threads = max(1, _node_cpus() - 1)
@@ -177,7 +177,7 @@ def _llm_rows(items: list[dict[str, Any]], cfg: PipelineConfig) -> Iterator[dict
 
     from stm_ray.modeling.aliases import resolve_model
     from stm_ray.synth.llm import LIGHT_CPU, vllm_processor_config
-    from stm_ray.synth.pipeline import _use_gpu, single_node
+    from stm_ray.synth.negatives import _use_gpu, single_node
 
     s = cfg.synth.model_copy(update={"generator": cfg.teacher.generator or cfg.synth.generator})
     model_dir = resolve_model(s.generator)

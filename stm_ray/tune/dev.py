@@ -74,8 +74,8 @@ def dev_sets(cfg, loaded: dict[str, RetrievalTask] | None = None) -> list[Retrie
 def cached_dev_embeddings(cfg, sets: list[RetrievalSplit], model_cfg,
                           loaded: dict[str, RetrievalTask] | None = None) -> list[np.ndarray] | None:
     """``model_cfg``'s embeddings of each dev set's documents, cut from the corpus embeddings mining cached for it
-    (:func:`stm_ray.synth.pipeline.cached_corpus_embeddings`); None unless every set has them."""
-    from stm_ray.synth.pipeline import cached_corpus_embeddings
+    (:func:`stm_ray.synth.negatives.cached_corpus_embeddings`); None unless every set has them."""
+    from stm_ray.synth.negatives import cached_corpus_embeddings
 
     out = []
     for sp in sets:
