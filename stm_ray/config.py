@@ -403,6 +403,10 @@ class MergeConfig(_Frozen):
     searcher: Literal["optuna", "grid", "random"] = Field(
         "optuna", description="'optuna' (TPE) or 'random' sample num_samples points; 'grid' runs the paper's full grid.")
     num_samples: int = Field(24, ge=1, description="Trials for optuna/random.")
+    time_budget_s: float | None = Field(
+        1800.0, gt=0, description="optuna/random: when num_samples trials would take longer than this on this cluster "
+                                  "(estimated from scoring the experts on the dev sets, divided by the trials that "
+                                  "run at once), run as many as fit (at least 4) and say so; None = always num_samples.")
     experts: list[str] | None = Field(None, description="Experts to merge (names under <run_dir>/experts); None = all.")
     include_base: bool = Field(False, description="Linear merges: the base model is one more weighted component.")
     weight_step: float = Field(0.05, gt=0.0, le=0.5, description="optuna/random: weights are multiples of this in [0, 1].")

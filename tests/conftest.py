@@ -226,3 +226,11 @@ def _release_shared_generator():
             sys.modules["stm_ray.synth.llm"].release_engines()
         else:
             sys.modules["stm_ray.synth.llm"]._ENGINES.clear()
+
+
+def pytest_runtest_logreport(report):
+    """STM_RAY_TEST_TIMES=FILE: each test phase's seconds appended as it ends (to size the tiers while a run goes)."""
+    path = os.environ.get("STM_RAY_TEST_TIMES")
+    if path and report.duration >= 0.5:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{report.duration:8.1f} {report.when:8} {report.outcome:7} {report.nodeid}\n")

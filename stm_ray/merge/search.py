@@ -140,6 +140,30 @@ def merge_fingerprint(cfg, experts: dict[str, str], instruction: str | None) -> 
                                       "tasks": {t: task_fingerprint(t, cfg.run_dir) for t in cfg.data.tasks}})
 
 
+MERGE_S = 5.0  # a trial's merge (mergekit into a scratch folder, then loading it), beside its dev scoring
+MIN_TRIALS = 4
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def trial_budget(num_samples: int, per_model_s: float, concurrent: int, budget_s: float | None) -> int:
+    """The trials an optuna/random merge search runs: ``num_samples``, or as many as fit ``budget_s`` at
+    ``per_model_s`` + the merge per trial and ``concurrent`` trials at once (at least :data:`MIN_TRIALS`)."""
+    if budget_s is None:
+        return num_samples
+    per_trial = (per_model_s + MERGE_S) / max(1, concurrent)
+    fit = max(MIN_TRIALS, int(budget_s // per_trial))
+    if fit >= num_samples:
+        return num_samples
+    log.warning("merge search: %d trials would take about %s here (~%.0f s each); running %d, which fit "
+                "merge.time_budget_s=%.0f (merge.time_budget_s=null runs all %d; a smaller search.dev_corpus_size or "
+                "search.dev_max_queries makes each trial cheaper)", num_samples, _duration(num_samples * per_trial),
+                per_model_s + MERGE_S, fit, budget_s, num_samples)
+    return fit
+
+
 def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
     """Search merge methods and coefficients with Ray Tune; write the winner to ``<run_dir>/merged``."""
     m, s = cfg.merge, cfg.search
@@ -172,8 +196,11 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
         base_dev = score_embedder(Embedder.from_pretrained(base, **model_kwargs), dev, corpus_embs=cached,
                                   dimension=m.dimension)
     to_score = dict(experts) if base_dev is not None else {"base": base, **experts}
+    t_score = time.perf_counter()
     experts_dev = score_folders({n: reference(p) for n, p in to_score.items()}, dev, model_kwargs, cpus=s.cpus_per_trial, gpus=s.gpus_per_trial,
                                 dimension=m.dimension)
+    # one model's dev scoring (the experts' ran side by side as far as the trials' CPUs allow): a trial's cost
+    per_model_s = (time.perf_counter() - t_score) / max(1, -(-len(to_score) // max(1, s.max_concurrent_trials)))
     if base_dev is None:
         base_dev = experts_dev.pop("base")
     for n, sc in [("base", base_dev), *experts_dev.items()]:
@@ -195,14 +222,19 @@ def search_merge(cfg, *, show_progress: bool = True) -> MergeSearchResult:
         space = {f"w_{c}": tune.quniform(0.0, 1.0, m.weight_step) for c in components}
         space["method"] = tune.choice(list(m.methods))
         space["density"] = tune.quniform(0.1, 1.0, 0.05)
-        samples = m.num_samples
+        samples = trial_budget(m.num_samples, per_model_s, s.max_concurrent_trials, m.time_budget_s)
         seed_points = [{"method": m.methods[0], "density": 0.5,
                         **{f"w_{c}": (0.5 if c != "base" else 0.0) for c in components}}]
     trainable = tune.with_parameters(merge_trial, spec=spec, dev=dev)
+    n_trials = len(points) if m.searcher == "grid" else samples
+    log.info("merge search: %d trial(s), about %s (a trial merges and scores the dev sets: ~%.0f s; %d at once)",
+             n_trials, _duration(n_trials * (per_model_s + MERGE_S) / max(1, s.max_concurrent_trials)),
+             per_model_s + MERGE_S, s.max_concurrent_trials)
     results = run_tuner(trainable, param_space=space, kind=m.searcher, num_samples=samples, seed=cfg.search.seed,
                         storage=tune_storage(cfg), name=tune_name,
                         resources={"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
-                        max_concurrent=s.max_concurrent_trials, points=seed_points, show_progress=show_progress)
+                        max_concurrent=s.max_concurrent_trials, points=seed_points, show_progress=show_progress,
+                        trials=n_trials, desc="merge trials")
     keys = ["method", "density", *[f"w_{c}" for c in components]]
     rows = trial_rows(results, keys)
     best = best_row(rows)

@@ -51,11 +51,51 @@ def searcher(kind: str, seed: int, points: list[dict[str, Any]] | None = None):
     return BasicVariantGenerator(random_state=seed if kind == "random" else None, points_to_evaluate=points or None)
 
 
+def _trial_bar(total: int, desc: str):
+    """A Tune callback: one progress bar over the search's trials (its ETA is the search's estimated time left),
+    with the best dev NDCG@10 so far; Tune's own tables stay in the log (--verbose shows them)."""
+    import sys
+
+    from ray import tune
+    from tqdm.auto import tqdm
+
+    class TrialBar(tune.Callback):
+        def __init__(self) -> None:
+            self.bar = tqdm(total=total, desc=desc, unit="trial", mininterval=0.5 if sys.stderr.isatty() else 30)
+            self.best: float | None = None
+
+        def _done(self, trial, result: dict[str, Any] | None = None) -> None:
+            score = (result or trial.last_result or {}).get("ndcg_at_10")
+            if score is not None and (self.best is None or score > self.best):
+                self.best = score
+            self.bar.update(1)
+            if self.best is not None:
+                self.bar.set_postfix(best_ndcg=f"{self.best:.4f}", refresh=False)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._done(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._done(trial)
+
+        def on_experiment_end(self, trials, **info) -> None:
+            self.bar.close()
+
+    return TrialBar()
+
+
 def run_tuner(trainable, *, param_space: dict[str, Any], kind: str, num_samples: int, seed: int,
               storage: str, name: str, resources: dict[str, float], max_concurrent: int,
-              points: list[dict[str, Any]] | None = None, show_progress: bool = True):
-    """Run (or resume, when ``storage/name`` holds an interrupted run) a Tune experiment; returns its ResultGrid."""
+              points: list[dict[str, Any]] | None = None, show_progress: bool = True, trials: int | None = None,
+              desc: str = "trials"):
+    """Run (or resume, when ``storage/name`` holds an interrupted run) a Tune experiment; returns its ResultGrid.
+    ``trials`` (how many the search runs) sizes the progress bar; Tune's own tables only with --verbose."""
     from ray import tune
+
+    from stm_ray import console
+
+    callbacks = [_trial_bar(trials or num_samples, desc)] if show_progress else []
+    verbose = 1 if show_progress and console.verbose() else 0
 
     if not is_remote(storage):
         Path(storage).mkdir(parents=True, exist_ok=True)
@@ -70,7 +110,7 @@ def run_tuner(trainable, *, param_space: dict[str, Any], kind: str, num_samples:
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher(kind, seed, points),
                                         num_samples=num_samples, max_concurrent_trials=max_concurrent,
                                         reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1 if show_progress else 0,
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=verbose, callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
     return tuner.fit()

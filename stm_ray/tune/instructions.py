@@ -172,7 +172,8 @@ def search_instructions(cfg, *, model: str | None = None, save: bool = True,
     results = run_tuner(trainable, param_space=space, kind="grid" if grid else s.searcher,
                         num_samples=1 if grid else s.num_samples, seed=s.seed, storage=tune_storage(cfg),
                         name=tune_name, resources={"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
-                        max_concurrent=s.max_concurrent_trials, show_progress=show_progress)
+                        max_concurrent=s.max_concurrent_trials, show_progress=show_progress,
+                        trials=len(candidates) if grid else s.num_samples, desc="instruction trials")
     rows = trial_rows(results, ["candidate", "instruction"])
     best = best_row(rows)
     baseline = next((r for r in rows if r["instruction"] == ""), None)
@@ -266,7 +267,8 @@ def search_pool_size(cfg, *, shards: str | None = None, show_progress: bool = Tr
     results = run_tuner(tune.with_parameters(pool_trial, spec=spec, dev=dev),
                         param_space={"pool_size": tune.grid_search(sizes)}, kind="grid", num_samples=1, seed=s.seed,
                         storage=tune_storage(cfg), name=tune_name, resources={"CPU": 0.01},
-                        max_concurrent=s.max_concurrent_trials, show_progress=show_progress)
+                        max_concurrent=s.max_concurrent_trials, show_progress=show_progress,
+                        trials=len(sizes), desc="pool-size trials")
     rows = trial_rows(results, ["pool_size", "expert"])
     best = best_row(rows)
     out = {"best": {"pool_size": best["pool_size"], "instructions": candidates[:best["pool_size"]],
