@@ -455,13 +455,11 @@ def demo_config_path() -> Path:
 
 def print_summary(run_dir: str | Path, report: Path | None) -> None:
     """The headline table (NDCG@10 per task and mean, one column per model) and where the report is."""
+    from stm_ray.records import read_record
     from stm_ray.report import ndcg_table, summary_rows
     from stm_ray.tables import format_table
 
-    try:
-        manifest = json.loads((Path(run_dir) / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        manifest = {}
+    manifest = read_record(Path(run_dir) / "manifest.json", kind="run manifest") or {}
     queries = ((manifest.get("stages") or {}).get("queries") or {}).get("counts") or {}
     if queries.get("tasks"):
         from stm_ray.synth.queries import summary_table

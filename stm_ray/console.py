@@ -43,6 +43,16 @@ class _ConsoleFilter(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
+class _ToFile(logging.Filter):
+    """On a logger that prints through its own handler: the record goes to our log file, and to that handler only
+    with --verbose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _S.handler is not None and record.levelno >= _S.handler.level:
+            _S.handler.handle(record)
+        return _S.verbose
+
+
 def _default_file(command: str) -> Path:
     from stm_ray.modeling.aliases import cache_dir
 
@@ -74,6 +84,9 @@ def configure(command: str, *, verbose: bool = False, level: str | int = "INFO")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new output prints its config box even at verbose=0
+    for name in ("DeepSpeed",):  # its own stdout handler, no propagation: a filter sends its records to the file
+        logging.getLogger(name).addFilter(_ToFile())
     # Ray Data's records go up to our handlers (file; the console shows them with --verbose)
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).parent / "configs" / "ray_data_logging.yaml"))
     _S.configured = True

@@ -91,6 +91,7 @@ def test_demo_command_runs_the_main_job_and_prints_the_table(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_demo_runs_the_whole_loop_and_prints_the_table(tmp_path, capsys):
     assert main(["demo", "--no-progress", "--run-dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out

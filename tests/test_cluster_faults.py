@@ -20,7 +20,7 @@ from tests.cluster_scenarios import (
     scenario_train_node_kill,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 @pytest.fixture(scope="module")

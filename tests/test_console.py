@@ -18,6 +18,8 @@ SCRIPT = textwrap.dedent("""
     logging.getLogger("ray.data").info("RAY-DATA-LINE")
     logging.getLogger("vllm").warning("VLLM-WARNING")
     warnings.warn("A-DEPRECATION", DeprecationWarning, stacklevel=1)
+    from deepspeed.utils import logger as ds_logger  # DeepSpeed prints through its own stdout handler
+    ds_logger.warning("DS-WARNING")
     from stm_ray.utils import init_local_ray
     ray = init_local_ray(num_cpus=1)
     @ray.remote
@@ -40,7 +42,7 @@ def test_console_shows_ours_and_files_the_rest(tmp_path, mode):
     console = p.stdout + p.stderr
     log = open(console.split("LOGFILE ")[1].split()[0], encoding="utf-8").read()
     assert "OUR-LINE" in console and "OUR-LINE" in log
-    for noise in ("RAY-DATA-LINE", "VLLM-WARNING", "A-DEPRECATION", "WORKER-STDOUT", "Started a local Ray"):
+    for noise in ("RAY-DATA-LINE", "VLLM-WARNING", "A-DEPRECATION", "DS-WARNING", "WORKER-STDOUT", "Started a local Ray"):
         assert noise in log, noise
         assert (noise in console) == (mode == "verbose"), (noise, mode)
 

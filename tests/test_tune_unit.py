@@ -97,3 +97,17 @@ def test_dev_score_at_a_chosen_dimension(tiny_bert_dir, tiny_beir):
     emb.truncate_dim = 4
     assert cut.as_dict() == score_embedder(emb, [sp]).as_dict() and cut.ndcg_at_10 != full.ndcg_at_10
     assert load_config(None, ["merge.dimension=128"]).merge.dimension == 128
+
+
+def test_merge_trials_fit_the_time_budget(caplog):
+    """A merge search that would run for hours on this machine runs the trials that fit, and says so."""
+    from stm_ray.merge.search import MERGE_S, MIN_TRIALS, trial_budget
+
+    assert trial_budget(24, 10.0, 1, None) == 24
+    assert trial_budget(24, 10.0, 1, 1800.0) == 24  # 24 x 15 s fits
+    with caplog.at_level("WARNING"):
+        n = trial_budget(24, 300.0, 1, 1800.0)  # ~5 min per trial (the issue's corpus): 2 h -> 5 trials
+    assert n == int(1800 // (300 + MERGE_S)) == 5
+    assert "24 trials would take about 122 min" in caplog.text and "merge.time_budget_s=null" in caplog.text
+    assert trial_budget(24, 3000.0, 1, 1800.0) == MIN_TRIALS
+    assert trial_budget(24, 300.0, 2, 1800.0) == 11  # two at once

@@ -15,26 +15,22 @@ import hashlib
 import json
 import logging
 import re
-import shutil
-import threading
-import time
-import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from stm_ray.data.shards import read_shards
 from stm_ray.data.task import DataError, DataReport
-from stm_ray.stage import Decision, Fingerprint, decide, fingerprint
+from stm_ray.records import read_record
+from stm_ray.stage import Decision, Fingerprint, fingerprint
 from stm_ray.storage import reference, run_path
 from stm_ray.train.batching import TrainRows, plan_batches
-from stm_ray.utils import atomic_dir, atomic_write_json, init_local_ray, save_figure
+from stm_ray.train.recipe import Trained, TrainJob, decide_run, fit, run_trainers
+from stm_ray.train.recipe import TrainProgress as TrainProgress
+from stm_ray.utils import atomic_write_json, init_local_ray
 
 log = logging.getLogger("stm_ray.train")
 
@@ -126,64 +122,10 @@ def expert_fingerprint(cfg, rows: TrainRows, pool: list[str]) -> Fingerprint:
                                       "base": model_fingerprint(cfg.model.name_or_path)})
 
 
-def _storage(cfg, name: str, fp: Fingerprint) -> tuple[str, str]:
-    """(Ray Train's storage_path, the run's name): the run directory's ``train/``, on the object store itself for
-    a remote run (every worker writes its checkpoints there; nothing assumes a shared disk)."""
-    from stm_ray.storage import native_uri
-
-    return native_uri(cfg.run_dir, "train"), f"{name}-{fp.value}"
-
-
-def has_train_run(cfg, run_name: str) -> bool:
-    """Whether ``train/<run_name>`` (an interrupted Ray Train run) exists, on the store for a remote run."""
-    from stm_ray.storage import RunStore
-
-    return run_name in RunStore(cfg.run_dir).list_dirs("train")
-
-
-def clear_old_runs(cfg, prefix: str, keep: str | None) -> None:
-    """Delete Ray Train runs ``train/<prefix>-<fingerprint>`` other than ``keep``: checkpoints of another
-    fingerprint are of no use (on the store too, so none is ever restored by mistake)."""
-    from stm_ray.storage import RunStore
-
-    store = RunStore(cfg.run_dir)
-    for old in store.list_dirs("train"):
-        if re.fullmatch(rf"{re.escape(prefix)}-[0-9a-f]{{10,16}}", old) and old != keep:
-            store.delete(f"train/{old}")
-
-
 def decide_expert(cfg, name: str, rows: TrainRows, pool: list[str]) -> tuple[Fingerprint, Decision, dict | None]:
     """(fingerprint, decision, the finished expert's metrics.json when there is one) for expert ``name``."""
     fp = expert_fingerprint(cfg, rows, pool)
-    out = run_path(cfg.run_dir).resolve() / "experts" / name
-    prev = None
-    try:
-        prev = json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError):
-        pass
-    if prev is not None:
-        return fp, decide(fp, name, prev, complete=True, where=str(out)), prev
-    storage_path, run_name = _storage(cfg, name, fp)
-    partial = {"fingerprint": fp.value} if has_train_run(cfg, run_name) else None
-    return fp, decide(fp, name, partial, complete=False, where=f"{storage_path}/{run_name}"), None
-
-
-def _plot_loss(loss: list[float], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot(range(1, len(loss) + 1), loss, lw=1, alpha=0.5, label="loss")
-    if len(loss) >= 10:
-        w = max(2, len(loss) // 20)
-        ax.plot(range(w, len(loss) + 1), np.convolve(loss, np.ones(w) / w, mode="valid"), lw=2, label=f"mean of {w}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("InfoNCE loss")
-    ax.set_title(title)
-    ax.legend()
-    save_figure(fig, path)
+    return fp, *decide_run(cfg, fp, name, run_path(cfg.run_dir).resolve() / "experts" / name, name)
 
 
 def _dev_ndcg(model_path: str, tasks: list[str], cfg) -> dict[str, float | None]:
@@ -213,136 +155,58 @@ def train_expert(cfg, name: str, table: pa.Table, *, pool: list[str] | None = No
                  decided: tuple[Fingerprint, Decision, dict | None] | None = None) -> ExpertResult:
     """Train one expert with a Ray Train TorchTrainer and write ``<run_dir>/experts/<name>``; reuse, resume or
     redo it by the stage contract (``decided``: the decision :func:`decide_expert` already made)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from stm_ray.train.worker import MODEL_DIR, STATE_FILE, train_loop
-
-    tcfg = cfg.train
     pool = pool or []
-    run_dir = run_path(cfg.run_dir).resolve()
-    out = run_dir / "experts" / name
-    rows = TrainRows.from_table(table, tcfg.negative_sources, scores=tcfg.distill is not None)
+    rows = TrainRows.from_table(table, cfg.train.negative_sources, scores=cfg.train.distill is not None)
     if len(rows) == 0:
         raise DataError(f"expert {name}: no training rows")
     fp, decision, prev = decided or decide_expert(cfg, name, rows, pool)
     if decision.action == "reuse":
         return ExpertResult(**{**prev["result"], "skipped": True})
-    storage_path, run_name = _storage(cfg, name, fp)
-    if decision.action == "redo":  # other fingerprints' checkpoints are of no use, nor this one's under --force
-        clear_old_runs(cfg, name, None if decision.previous == fp.value else run_name)
+    return fit(expert_job(cfg, name, rows, pool, fp, decision), progress_actor)
+
+
+def expert_job(cfg, name: str, rows: TrainRows, pool: list[str], fp: Fingerprint, decision: Decision) -> TrainJob:
+    """The Ray Train run of an expert to train (``decision``: run, resume or redo) and what it writes when done:
+    the sentence-transformers folder (stamped with ``fp``), ``metrics.json``, ``loss.png``, dev NDCG@10."""
+    from stm_ray.train.worker import ExpertRecipe
+
+    tcfg = cfg.train
+    out = run_path(cfg.run_dir).resolve() / "experts" / name
     per_epoch, total = planned_steps(rows, tcfg)
     if total == 0:
         raise DataError(f"expert {name}: {len(rows)} rows give no batch of {tcfg.batch_size} on {tcfg.num_workers} worker(s)")
     saved_instruction = cfg.model.query_instruction
     if tcfg.instruction_mode == "pool" and not saved_instruction:
         saved_instruction = pool[0]
-    log.info("[%s] %d rows, %d steps (%d per epoch), %d worker(s), %s, run %s-%s", name, len(rows), total, per_epoch,
-             tcfg.num_workers, tcfg.strategy, name, fp)
-    t0, started = time.perf_counter(), time.time()
-    from stm_ray.train.rendezvous import torch_config
+    log.info("[%s] %d rows, %d steps (%d per epoch), %d worker(s), %s, run %s", name, len(rows), total, per_epoch,
+             tcfg.num_workers, tcfg.strategy, f"{name}-{fp}")
 
-    trainer = TorchTrainer(
-        train_loop,
-        torch_config=torch_config(),  # the rendezvous listens on the node's address only
-        train_loop_config={"train": tcfg.model_dump(), "model": cfg.model.model_dump(), "rows": ray.put(rows),
-                           "total_steps": total, "expert": name, "instruction_pool": pool,
-                           "saved_query_instruction": saved_instruction, "progress_actor": progress_actor},
-        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                     resources_per_worker={"CPU": tcfg.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=tcfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
-                             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(tcfg.cpus_per_worker)}}),
-    )
-    result = trainer.fit()
-    wall, finished = time.perf_counter() - t0, time.time()
-    if result.error is not None:
-        raise result.error
-    with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / STATE_FILE).read_text())
-        if state["step"] != total or not (Path(d) / MODEL_DIR).is_dir():
-            raise RuntimeError(f"expert {name}: the last checkpoint is at step {state['step']} of {total} without a model")
-        with atomic_dir(out) as tmp:
-            shutil.copytree(Path(d) / MODEL_DIR, tmp, dirs_exist_ok=True)
-            _stamp(tmp, fp)
-    secs = state["step_seconds"][1:] or state["step_seconds"]
-    sps = tcfg.batch_size * len(secs) / sum(secs) if secs and sum(secs) > 0 else 0.0
-    tasks = sorted(set(rows.tasks))
-    dev = _dev_ndcg(reference(out), tasks, cfg) if tcfg.evaluate_dev else {}
-    res = ExpertResult(name=name, path=str(out), rows=len(rows), steps=state["step"],
-                       final_loss=float(np.mean(state["loss"][-max(1, min(10, len(state["loss"]))):])),
-                       samples_per_s=sps, wall_s=wall, resumed_from=state["resumed_from"], dev_ndcg_at_10=dev,
-                       started_at=started, finished_at=finished, fingerprint=fp.value,
-                       peak_memory_gib=state.get("peak_memory_gib"))
-    _plot_loss(state["loss"], out / "loss.png", f"expert {name}")
-    atomic_write_json(out / "metrics.json", {"result": asdict(res), "loss": state["loss"], "lr": state["lr"],
-                                             "step_seconds": state["step_seconds"], "world_size": state["world_size"],
-                                             **fp.record(), "config": {"train": tcfg.model_dump(),
-                                                                      "model": cfg.model.model_dump()}})
-    log.info("[%s] done: %d steps, loss %.4f, %.1f samples/s, dev NDCG@10 %s -> %s", name, res.steps, res.final_loss,
-             sps, dev, out)
-    return res
+    def result(t: Trained) -> ExpertResult:
+        dev = _dev_ndcg(reference(out), sorted(set(rows.tasks)), cfg) if tcfg.evaluate_dev else {}
+        log.info("[%s] %.1f samples/s, dev NDCG@10 %s", name, t.rate or 0.0, dev)
+        return ExpertResult(**t.fields, samples_per_s=t.rate or 0.0, dev_ndcg_at_10=dev, started_at=t.started_at,
+                            finished_at=t.finished_at)
 
-
-def _stamp(folder: Path, fp: Fingerprint) -> None:
-    """Record the producing fingerprint in the model folder's stm_ray.json (what model_fingerprint reads)."""
-    from stm_ray.modeling.embedder import META_FILE
-
-    path = folder / META_FILE
-    meta = json.loads(path.read_text()) if path.is_file() else {}
-    meta["fingerprint"] = fp.value
-    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return TrainJob(cfg, name, name, name, fp, decision, ExpertRecipe, tcfg, rows=rows, total=total, out=out,
+                    config={"model": cfg.model.model_dump(), "instruction_pool": pool,
+                            "saved_query_instruction": saved_instruction},
+                    title=f"expert {name}", result=result, stamp=True,
+                    record={"world_size": tcfg.num_workers,
+                            "config": {"train": tcfg.model_dump(), "model": cfg.model.model_dump()}})
 
 
 def current_experts(run_dir: str | Path) -> dict[str, str]:
     """{name: folder} of the experts of the run's last training (``experts/summary.json``); folders left from
     an earlier config that the summary does not list are not the run's experts."""
     root = run_path(run_dir) / "experts"
-    try:
-        listed = json.loads((root / "summary.json").read_text()).get("experts") or []
-    except (OSError, ValueError):
-        listed = None
+    summary = read_record(root / "summary.json", kind="experts summary")
+    listed = (summary.get("experts") or []) if summary is not None else None
     names = [e["name"] for e in listed] if listed is not None else [p.parent.name for p in root.glob("*/metrics.json")]
     found = {n: str((root / n).resolve()) for n in sorted(names) if (root / n / "metrics.json").is_file()}
     stale = sorted(p.parent.name for p in root.glob("*/metrics.json") if p.parent.name not in found)
     if stale:
         log.warning("expert folder(s) %s are not experts of this run's training (another config); left out", stale)
     return found
-
-
-def _progress_loop(actor, names: list[str], done: threading.Event, show: bool) -> None:
-    import ray
-    from tqdm.auto import tqdm
-
-    if not show:
-        done.wait()
-        return
-    bars: dict[str, Any] = {}
-    while True:
-        finished = done.wait(1.0)
-        try:
-            snap = ray.get(actor.snapshot.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - progress display must never fail the run
-            snap = {}
-        for name in names:
-            s = snap.get(name)
-            if not s:
-                continue
-            bar = bars.get(name)
-            if bar is None:
-                bar = bars[name] = tqdm(total=s["total"], desc=f"train {name}", position=len(bars), unit="step",
-                                        dynamic_ncols=True, mininterval=1.0)
-            if bar.n >= bar.total:
-                continue
-            bar.n = s["step"]
-            bar.set_postfix(loss=f"{s['loss']:.4f}", sps=f"{s['samples_per_s']:.1f}", refresh=False)
-            bar.refresh()
-        if finished:
-            for bar in bars.values():
-                bar.close()
-            return
 
 
 def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = None,
@@ -357,8 +221,6 @@ def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = No
     ``on_finished(result)`` is called for an expert that finishes while others still train and none waits for its
     resources (the pipeline evaluates it there, on the CPUs it freed).
     """
-    import ray
-
     tcfg = cfg.train
     source = shards or str(training_shards(cfg))
     report = DataReport()
@@ -373,7 +235,7 @@ def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = No
     log.info("%d expert(s) from %s (%d rows%s): %s", len(groups), source, table.num_rows,
              f", {len(report.problems)} bad rows skipped" if report.problems else "",
              ", ".join(f"{n} ({t.num_rows})" for n, t in groups.items()))
-    decided = {}
+    decided, rows_of = {}, {}
     for n, t in groups.items():
         rows = TrainRows.from_table(t, tcfg.negative_sources, scores=tcfg.distill is not None)
         if len(rows) == 0:
@@ -383,37 +245,16 @@ def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = No
                      n, rows.scored, len(rows), tcfg.distill.loss)
             if rows.scored == 0:
                 log.warning("expert %s: train.distill is set and no row has teacher scores", n)
-        decided[n] = decide_expert(cfg, n, rows, pool)
+        decided[n], rows_of[n] = decide_expert(cfg, n, rows, pool), rows
     todo = [n for n, (_, d, _) in decided.items() if d.action != "reuse"]
     results_by_name = {n: ExpertResult(**{**prev["result"], "skipped": True})
                        for n, (_, d, prev) in decided.items() if d.action == "reuse"}
-    if todo:
-        init_local_ray()
-        actor_name = f"stm-train-progress-{uuid.uuid4().hex[:8]}"
-        actor = ray.remote(TrainProgress).options(name=actor_name, num_cpus=0).remote()
-        done = threading.Event()
-        watcher = threading.Thread(target=_progress_loop, args=(actor, todo, done, show_progress), daemon=True)
-        watcher.start()
-        try:
-            slots = tcfg.max_parallel_experts or len(todo)
-            with ThreadPoolExecutor(max_workers=slots) as ex:
-                futures = {ex.submit(train_expert, cfg, n, groups[n], pool=pool, progress_actor=actor_name,
-                                     decided=decided[n]): n for n in todo}
-                for f in as_completed(futures):
-                    results_by_name[futures[f]] = result = f.result()
-                    unfinished = sum(not g.done() for g in futures)
-                    if on_finished is not None and 0 < unfinished < slots:  # others train, none waits
-                        on_finished(result)
-        finally:
-            done.set()
-            watcher.join(timeout=15)
-            ray.kill(actor)
+    results_by_name.update(run_trainers([expert_job(cfg, n, rows_of[n], pool, *decided[n][:2]) for n in todo],
+                                        show_progress=show_progress, max_parallel=tcfg.max_parallel_experts,
+                                        on_finished=on_finished))
     results = [results_by_name[n] for n in groups]
     path = run_path(cfg.run_dir) / "experts" / "summary.json"
-    try:
-        previous = json.loads(path.read_text())
-    except (OSError, ValueError):
-        previous = {}
+    previous = read_record(path, kind="experts summary") or {}
     kept = [e for e in previous.get("experts", []) if only and e.get("name") not in groups]
     summary = {"experts": kept + [asdict(r) for r in results], "shards": str(source), "bad_rows": report.counts()}
     if tcfg.evaluate_dev:
@@ -427,19 +268,6 @@ def train_experts(cfg, *, shards: str | None = None, only: list[str] | None = No
                                                                                             tasks, cfg)}
     atomic_write_json(path, summary)
     return results
-
-
-class TrainProgress:
-    """Latest step, loss and throughput per expert, pushed by each run's rank-0 worker (a Ray actor)."""
-
-    def __init__(self) -> None:
-        self.state: dict[str, dict[str, Any]] = {}
-
-    def update(self, expert: str, **kw: Any) -> None:
-        self.state[expert] = kw
-
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        return self.state
 
 
 def summary_table(results: list[ExpertResult], base: dict[str, float | None] | None = None) -> str:
