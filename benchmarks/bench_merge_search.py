@@ -40,9 +40,10 @@ def main() -> None:
     from stm_ray.data.shards import read_shards
     from stm_ray.eval import evaluate_tasks
     from stm_ray.merge import merge_table, search_merge
+    from stm_ray.ray_setup import init_local_ray
     from stm_ray.synth import synthesize
     from stm_ray.train import train_experts
-    from stm_ray.utils import init_local_ray, setup_logging
+    from stm_ray.utils import setup_logging
 
     setup_logging()
     run = Path(args.run_dir)

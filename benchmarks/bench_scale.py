@@ -54,8 +54,8 @@ def train(work: Path, name: str, shards: Path, *overrides: str) -> dict:
     import ray
 
     from stm_ray.config import load_config
+    from stm_ray.ray_setup import init_local_ray
     from stm_ray.train import train_experts
-    from stm_ray.utils import init_local_ray
 
     done = work / f"{name}.json"
     if done.is_file():

@@ -121,7 +121,7 @@ def run_ours_processor(prompts: list[dict], max_tokens: int) -> dict:
 
 def run_ours(prompts: list[dict], max_tokens: int, runner: str = "auto") -> dict:
     t0 = time.perf_counter()
-    from stm_ray.utils import init_local_ray
+    from stm_ray.ray_setup import init_local_ray
 
     init_local_ray(num_cpus=os.cpu_count(), log_to_driver=False)
     import ray.data

@@ -250,7 +250,8 @@ def main() -> int:
     import pyarrow as pa
 
     from stm_ray.data.shards import write_shard
-    from stm_ray.utils import init_local_ray, setup_logging
+    from stm_ray.ray_setup import init_local_ray
+    from stm_ray.utils import setup_logging
 
     setup_logging("WARNING")
     work = Path(args.work)

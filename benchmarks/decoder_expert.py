@@ -75,8 +75,8 @@ def train(work: Path, name: str, model: str, shards: Path, args, *extra: str) ->
     import ray
 
     from stm_ray.config import load_config
+    from stm_ray.ray_setup import init_local_ray
     from stm_ray.train import train_experts
-    from stm_ray.utils import init_local_ray
 
     done = work / f"train-{name}.json"
     if done.is_file():

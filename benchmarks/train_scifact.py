@@ -130,8 +130,8 @@ def ours(args, work: Path, split_test, shards: Path) -> dict:
     from stm_ray.config import load_config
     from stm_ray.eval.evaluate import evaluate_split
     from stm_ray.modeling import Embedder
+    from stm_ray.ray_setup import init_local_ray
     from stm_ray.train import train_experts
-    from stm_ray.utils import init_local_ray
 
     tag = "full" if args.full else "lora"
     done = work / f"ours-{tag}.json"

@@ -510,7 +510,7 @@ def cmd_report(args) -> int:
 
 def cmd_serve(args) -> int:
     if args.address:
-        from stm_ray.utils import join_cluster_env
+        from stm_ray.ray_setup import join_cluster_env
 
         join_cluster_env(args.address)
     from stm_ray.config import load_config

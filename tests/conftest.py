@@ -128,7 +128,7 @@ def tiny_llama_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray on 127.0.0.1 for integration tests (2 CPUs, no dashboard)."""
-    from stm_ray.utils import init_local_ray
+    from stm_ray.ray_setup import init_local_ray
 
     ray = init_local_ray(num_cpus=2, log_to_driver=False,
                          runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     warnings.warn("A-DEPRECATION", DeprecationWarning, stacklevel=1)
     from deepspeed.utils import logger as ds_logger  # DeepSpeed prints through its own stdout handler
     ds_logger.warning("DS-WARNING")
-    from stm_ray.utils import init_local_ray
+    from stm_ray.ray_setup import init_local_ray
     ray = init_local_ray(num_cpus=1)
     @ray.remote
     def hello():

@@ -103,7 +103,7 @@ def test_joining_a_cluster_keeps_ray_cluster_mode():
     code = "import stm_ray.cli; import ray; from ray._private import ray_constants as c; print('CLUSTER', c.ENABLE_RAY_CLUSTER)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "CLUSTER True" in out.stdout, out.stderr[-2000:]
-    code = ("import stm_ray, os; from stm_ray.utils import join_cluster_env; join_cluster_env('10.0.0.1:6379'); "
+    code = ("import stm_ray, os; from stm_ray.ray_setup import join_cluster_env; join_cluster_env('10.0.0.1:6379'); "
             "import ray; from ray._private import ray_constants as c; print('CLUSTER', c.ENABLE_RAY_CLUSTER, "
             "os.environ['RAY_ADDRESS'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(), timeout=300)

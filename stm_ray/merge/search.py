@@ -25,13 +25,14 @@ from typing import Any
 
 from stm_ray.data import DataError
 from stm_ray.merge.mergekit_run import USES_DENSITY, merge_models, prepare_base
+from stm_ray.ray_setup import init_local_ray
 from stm_ray.records import read_record
 from stm_ray.stage import Fingerprint, fingerprint
 from stm_ray.storage import cache_dir, is_remote, reference, run_path
 from stm_ray.tune.common import best_row, decide_search, plot_trials, run_tuner, trial_rows, tune_storage
 from stm_ray.tune.dev import cached_dev_embeddings, dev_sets, objective, score_embedder, score_folders
 from stm_ray.tune.instructions import load_tasks
-from stm_ray.utils import atomic_write_json, init_local_ray
+from stm_ray.utils import atomic_write_json
 
 log = logging.getLogger("stm_ray.tune")
 

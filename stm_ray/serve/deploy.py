@@ -248,8 +248,8 @@ def start(cfg, target: str, corpus: str | None = None, *, log_level: str = "INFO
     import ray
     from ray import serve
 
+    from stm_ray.ray_setup import init_local_ray
     from stm_ray.serve.app import build_app
-    from stm_ray.utils import init_local_ray
 
     model, run_dir = resolve_target(target)
     # Ray starts workers at nice 15; a serving replica competes with Ray's own processes for the CPU, so a Ray

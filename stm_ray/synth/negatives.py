@@ -376,7 +376,7 @@ def synthesize(cfg: PipelineConfig, *, show_progress: bool = True) -> SynthResul
     """Mine and generate hard negatives for every train pair of ``cfg.data.tasks``; write missing shards only."""
     from tqdm.auto import tqdm
 
-    from stm_ray.utils import init_local_ray
+    from stm_ray.ray_setup import init_local_ray
 
     t0 = time.perf_counter()
     s = cfg.synth

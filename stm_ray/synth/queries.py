@@ -349,7 +349,7 @@ def _examples(raw: list[dict], per_kind: int = 2) -> dict[str, Any]:
 def synthesize_queries(cfg: PipelineConfig, *, show_progress: bool = True) -> dict[str, Any]:
     """The queries stage over every ``docs:`` task of ``cfg.data.tasks``; returns the counts per task (also each
     task's ``manifest.json``)."""
-    from stm_ray.utils import init_local_ray
+    from stm_ray.ray_setup import init_local_ray
 
     t0 = time.perf_counter()
     q = cfg.queries

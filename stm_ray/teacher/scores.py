@@ -254,7 +254,7 @@ def teacher_scores(cfg: PipelineConfig, *, show_progress: bool = True) -> dict[s
     module docstring); returns the stage's counts (with its fingerprint)."""
     from tqdm.auto import tqdm
 
-    from stm_ray.utils import init_local_ray
+    from stm_ray.ray_setup import init_local_ray
 
     if cfg.teacher.kind is None:
         raise ConfigError("the teacher stage needs teacher.kind: 'reranker' (with teacher.reranker) or 'llm'")

@@ -24,13 +24,14 @@ import pyarrow.compute as pc
 
 from stm_ray.data.shards import read_shards
 from stm_ray.data.task import DataError, DataReport
+from stm_ray.ray_setup import init_local_ray
 from stm_ray.records import read_record
 from stm_ray.stage import Decision, Fingerprint, fingerprint
 from stm_ray.storage import reference, run_path
 from stm_ray.train.batching import TrainRows, plan_batches
 from stm_ray.train.recipe import Trained, TrainJob, decide_run, fit, run_trainers
 from stm_ray.train.recipe import TrainProgress as TrainProgress
-from stm_ray.utils import atomic_write_json, init_local_ray
+from stm_ray.utils import atomic_write_json
 
 log = logging.getLogger("stm_ray.train")
 

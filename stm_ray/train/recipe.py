@@ -503,7 +503,7 @@ def run_trainers(jobs: list[TrainJob], *, show_progress: bool = True, max_parall
     called for a job that finishes while others still train and none waits for a slot."""
     import ray
 
-    from stm_ray.utils import init_local_ray
+    from stm_ray.ray_setup import init_local_ray
 
     if not jobs:
         return {}

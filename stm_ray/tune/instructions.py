@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from stm_ray.data import RetrievalTask, load_task
+from stm_ray.ray_setup import init_local_ray
 from stm_ray.records import read_record
 from stm_ray.stage import Fingerprint, fingerprint
 from stm_ray.storage import reference, run_path
 from stm_ray.tune.common import best_row, decide_search, plot_trials, run_tuner, trial_rows, tune_storage
 from stm_ray.tune.dev import cached_dev_embeddings, dev_sets, objective, score_embedder, score_folders
-from stm_ray.utils import atomic_write_json, init_local_ray
+from stm_ray.utils import atomic_write_json
 
 log = logging.getLogger("stm_ray.tune")
 
