@@ -173,7 +173,7 @@ def test_synthesize_command_errors_name_the_problem(tiny_beir, capsys):
 
 
 def test_merge_then_tune_prompts_commands(ray_local, tiny_bert_dir, beir_train_dev, tmp_path, capsys):
-    from tests.test_search_ray import _make_experts
+    from tests.test_tune_ray import _make_experts
 
     run = tmp_path / "run"
     _make_experts(tiny_bert_dir, run)
