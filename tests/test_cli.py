@@ -125,22 +125,52 @@ def test_job_entrypoint_evaluates_every_configured_task(tiny_bert_dir, tiny_beir
     assert json.loads((run / "manifest.json").read_text())["stages"]["evaluate"]["status"] == "done"
 
 
-@pytest.mark.parametrize("job", sorted(p.name for p in (REPO / "jobs").glob("*.py")))
-def test_jobs_are_the_clis_entry(job, tmp_path):
+JOB_RUNNER = """
+import io, runpy, sys, contextlib
+results = {}
+for job, args in [(j, a.split("|")) for j, a in (x.split("=", 1) for x in sys.argv[1:])]:
+    err = io.StringIO()
+    sys.argv = [job, *args]
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(job, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    results[f"{job}|{'|'.join(args)}"] = (code, err.getvalue())
+print(repr(results))
+"""
+
+
+def test_jobs_are_the_clis_entry(tmp_path):
     """A job is `stm-ray run` with its stage: the CLI's checks and one-line errors (exit 2), not a traceback, and
-    nothing of its own (it imports the CLI's entry only)."""
+    nothing of its own (it imports the CLI's entry only). All jobs in one Python process (one import of stm-ray)."""
     import ast
 
-    tree = ast.parse((REPO / "jobs" / job).read_text())
-    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module.startswith("stm_ray")}
-    assert imported == {"stm_ray.cli"}
-    proc = _job(job, str(tmp_path / "missing.yaml"), timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().endswith(f"config file not found: {tmp_path / 'missing.yaml'}")
-    assert "Traceback" not in proc.stderr
-    proc = _job(job, "jobs/configs/local.yaml", "train.lora.r=abc", timeout=120)
-    assert proc.returncode == 2 and "train.lora.r: Input should be a valid integer" in proc.stderr
+    jobs = sorted(p.name for p in (REPO / "jobs").glob("*.py"))
+    assert "pipeline.py" in jobs and len(jobs) >= 10
+    missing = str(tmp_path / "missing.yaml")
+    calls = []
+    for job in jobs:
+        tree = ast.parse((REPO / "jobs" / job).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module.startswith("stm_ray")}
+        assert imported == {"stm_ray.cli"}, job
+        calls += [f"jobs/{job}={missing}", f"jobs/{job}=jobs/configs/local.yaml|train.lora.r=abc"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", JOB_RUNNER, *calls], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = eval(proc.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr
+    for job in jobs:
+        code, err = results[f"jobs/{job}|{missing}"]
+        assert code == 2 and err.strip().endswith(f"config file not found: {missing}"), (job, err)
+        assert "Traceback" not in err
+        code, err = results[f"jobs/{job}|jobs/configs/local.yaml|train.lora.r=abc"]
+        assert code == 2 and "train.lora.r: Input should be a valid integer" in err, (job, err)
 
 
+@pytest.mark.slow  # the train stage on Ray is tests/test_train_ray.py's; here the command's summary (~40 s)
 def test_train_command_trains_and_prints_summary(ray_local, tiny_bert_dir, beir_train_dev, tmp_path, capsys):
     from tests.conftest import make_shards
 
@@ -172,6 +202,7 @@ def test_synthesize_command_errors_name_the_problem(tiny_beir, capsys):
     assert "ray.data.llm" in out and "OPENAI_API_KEY" in out
 
 
+@pytest.mark.slow  # ~2 min; the searches are tests/test_tune_ray.py's, the commands' errors stay in the fast tier
 def test_merge_then_tune_prompts_commands(ray_local, tiny_bert_dir, beir_train_dev, tmp_path, capsys):
     from tests.test_tune_ray import _make_experts
 

@@ -123,6 +123,25 @@ def two_tasks(tmp_path_factory) -> list[Path]:
     return make_tasks(tmp_path_factory.mktemp("jobs_tasks"), forms=4)
 
 
+def test_ray_job_submit_runs_a_stage(ray_head, two_tasks, tiny_bert_dir, tmp_path):
+    """The fast tier's `ray job submit`: the job mechanics (working dir, runtime env, token auth, the job's logs,
+    its manifest) on one cheap stage; the whole loop through jobs and its rerun rule are the slow test below."""
+    address, env, _ = ray_head
+    run = tmp_path / "run"
+    overrides = [f"run_dir={run}", f"data.tasks=[beir:{two_tasks[0]},beir:{two_tasks[1]}]",
+                 f"model.name_or_path={tiny_bert_dir}", "model.batch_size=16"]
+    sub_id = f"stm-test-eval-{os.getpid()}-{int(time.time())}"
+    out = _submit(address, env, sub_id, overrides, "--stages", "evaluate", wait=True)
+    assert "succeeded" in out.lower(), out[-4000:]
+    logs = _ray("job", "logs", "--address", address, sub_id, env=env).stdout
+    assert "[1/1] evaluate: started" in logs and "[1/1] evaluate: done" in logs and "stm_ray from " in logs
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["evaluate"]["status"] == "done" and manifest["config"]["run_dir"] == str(run)
+    assert len(list((run / "eval" / "base").glob("*.json"))) == 2
+    assert list((run / "logs").glob("*-run.log"))  # the job's own log file, in the run
+
+
+@pytest.mark.slow  # ~6 min: four jobs (the loop, a rerun, two changed fields); the fast tier submits one stage
 def test_ray_job_submit_runs_the_pipeline(ray_head, two_tasks, tiny_bert_dir, tmp_path):
     address, env, _ = ray_head
     run = tmp_path / "run"
