@@ -630,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stm-ray {args.command}: error: {type(e).__name__}: {e}\n(the whole log, with the traceback: "
               f"{console.log_file()}; --verbose shows everything on the console)", file=sys.stderr)
         return 1
+    finally:
+        console.reset()
 
 
 if __name__ == "__main__":

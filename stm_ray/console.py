@@ -29,6 +29,7 @@ class _State:
     handler: logging.FileHandler | None = None
     command = "stm-ray"
     run: str | None = None
+    saved: tuple[list[logging.Handler], int] = ([], logging.WARNING)
 
 
 _S = _State()
@@ -64,6 +65,8 @@ def configure(command: str, *, verbose: bool = False, level: str | int = "INFO")
     """Set up the console and the log file for one CLI command (``stm_ray.cli.main`` calls it once)."""
     _S.verbose, _S.command = verbose, command
     root = logging.getLogger()
+    if not _S.configured:
+        _S.saved = (list(root.handlers), root.level)
     for h in list(root.handlers):
         root.removeHandler(h)
     root.setLevel(min(logging.INFO, logging.getLevelName(level) if isinstance(level, str) else level))
@@ -91,6 +94,27 @@ def configure(command: str, *, verbose: bool = False, level: str | int = "INFO")
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).parent / "configs" / "ray_data_logging.yaml"))
     _S.configured = True
     return _S.file
+
+
+def reset() -> None:
+    """Undo :func:`configure` (the CLI's ``main`` calls it on the way out, so that calling ``main`` in a process,
+    as tests and notebooks do, leaves that process's logging as it found it)."""
+    if not _S.configured:
+        return
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        if h is _S.handler:
+            h.close()
+    handlers, level = _S.saved
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+    logging.captureWarnings(False)
+    for name in ("DeepSpeed",):
+        for f in [f for f in logging.getLogger(name).filters if isinstance(f, _ToFile)]:
+            logging.getLogger(name).removeFilter(f)
+    _S.handler, _S.file, _S.run, _S.configured, _S.verbose = None, None, None, False, True
 
 
 def _open(path: Path) -> None:

@@ -35,6 +35,7 @@ def model_dir(cluster, tiny_bert_dir):
     return str(dest)
 
 
+@pytest.mark.slow  # ~2.5 min: three nodes and an S3 server; with the fault tests (test_cluster_faults.py) in the slow tier
 def test_loop_on_three_nodes_with_an_s3_run_dir(cluster, s3, two_tasks, model_dir):
     head = cluster.head_home
     # the worker nodes cannot see the head's folders (what a real cluster's nodes cannot either)

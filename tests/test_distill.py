@@ -182,6 +182,7 @@ def test_teacher_config_errors(tmp_path):
         teacher_fingerprint(named)
 
 
+@pytest.mark.slow  # ~80 s; the losses and the teacher config are unit-tested in the fast tier
 def test_reranker_teacher_and_distilled_training_on_ray(tmp_path, ray_local, tiny_beir, tiny_bert_dir):
     """The loop's teacher and train stages: a cross-encoder's logits become the shards' score columns (equal to
     its own scores), an expert trains with them (KL next to InfoNCE: another loss curve than InfoNCE alone), a

@@ -196,6 +196,7 @@ def test_docs_task_without_queries_is_a_clear_error(tmp_path):
 
 # --- the stage and the loop on a local Ray ------------------------------------------------------------------------
 
+@pytest.mark.slow  # ~3 min; the fast tier runs the queries stage on the real engine in test_cli.py::test_demo_command_runs_the_main_job_and_prints_the_table
 @pytest.mark.integration
 def test_docs_only_loop_end_to_end(tmp_path, ray_local, tiny_beir, tiny_llama_dir, tiny_bert_dir):
     """Two docs: tasks (a folder of notes: synthetic test; the tiny BEIR corpus: its real test split) through every

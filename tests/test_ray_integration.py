@@ -31,7 +31,7 @@ def test_local_ray_workers_address_their_cluster_and_mute_the_cleaner(ray_local)
     import logging
     import os
 
-    from stm_ray.utils import _NOISY_RAY_LOGGERS
+    from stm_ray.ray_setup import _NOISY_RAY_LOGGERS
 
     @ray_local.remote(num_cpus=0)
     def probe():

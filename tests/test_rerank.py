@@ -110,6 +110,7 @@ def test_presets_and_config_errors():
         load_config(None, ["rerank.rerankers=[llm,llm]"])
 
 
+@pytest.mark.slow  # ~75 s: two rerankers on Ray Train; the recipe is the experts' (test_train_ray.py) and the reranker models are unit-tested
 def test_rerankers_train_on_ray_and_the_rerank_stage(tmp_path, ray_local, tiny_beir, tiny_bert_dir, tiny_llama_dir):
     """Both kinds trained side by side (Ray Train), folders that score the training pairs better than before;
     the pipeline's rerank stages write mteb files; a rerun reuses everything."""

@@ -362,6 +362,7 @@ def test_load_2000_mixed_requests_at_32_concurrent(server):
     assert res.statuses == expected
 
 
+@pytest.mark.slow  # ~70 s: a replica killed and restarted
 def test_replica_crash_is_restarted(server):
     """Kill the replica's process (SIGKILL, as an OOM kill would); Serve starts a new one and requests succeed."""
     import os

@@ -54,7 +54,8 @@ def _check_shards(out: Path, expected_pairs: set[tuple[str, str]]) -> list[dict]
 
 # both ways an engine actor runs vLLM: ray.data.llm's processor (AsyncLLM, a GPU node's default) and vllm.LLM in
 # the actor's own process (a CPU's default)
-@pytest.mark.parametrize("runner", ["in_process", "processor"])
+@pytest.mark.parametrize("runner", ["in_process", pytest.param("processor", marks=pytest.mark.slow)])  # ray.data.llm's
+# processor (~2 min on a CPU, what a GPU cluster runs) is the slow tier's; the in-process engine the fast tier's
 def test_synthesize_writes_mined_and_synthetic_negatives(ray_local, tiny_llama_dir, tiny_bert_dir, beir_train_dev,
                                                          tmp_path, runner):
     from stm_ray.config import load_config
@@ -272,6 +273,7 @@ def vllm_server(tiny_llama_dir, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # ~70 s: a vLLM OpenAI server starts; the in-process engine is the fast tier's
 def test_openai_compatible_engine_against_vllm_server(ray_local, vllm_server, tiny_bert_dir, beir_train_dev,
                                                       tmp_path, monkeypatch):
     from stm_ray.config import load_config
