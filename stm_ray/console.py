@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 OURS = "stm_ray"
+_OWN_HANDLERS = ("DeepSpeed",)  # loggers that print through a handler of their own (optuna: see tune/common.py)
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -88,7 +89,7 @@ def configure(command: str, *, verbose: bool = False, level: str | int = "INFO")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new output prints its config box even at verbose=0
-    for name in ("DeepSpeed",):  # its own stdout handler, no propagation: a filter sends its records to the file
+    for name in _OWN_HANDLERS:  # their own stdout handler, no propagation: a filter sends their records to the file
         logging.getLogger(name).addFilter(_ToFile())
     # Ray Data's records go up to our handlers (file; the console shows them with --verbose)
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).parent / "configs" / "ray_data_logging.yaml"))
@@ -111,7 +112,7 @@ def reset() -> None:
         root.addHandler(h)
     root.setLevel(level)
     logging.captureWarnings(False)
-    for name in ("DeepSpeed",):
+    for name in _OWN_HANDLERS:
         for f in [f for f in logging.getLogger(name).filters if isinstance(f, _ToFile)]:
             logging.getLogger(name).removeFilter(f)
     _S.handler, _S.file, _S.run, _S.configured, _S.verbose = None, None, None, False, True
@@ -158,6 +159,10 @@ def attach_run(run_dir: str | os.PathLike) -> Path | None:
 
 def log_file() -> Path | None:
     return _S.file
+
+
+def configured() -> bool:
+    return _S.configured
 
 
 def verbose() -> bool:

@@ -44,6 +44,12 @@ def searcher(kind: str, seed: int, points: list[dict[str, Any]] | None = None):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        from stm_ray import console
+
+        if console.configured():  # a CLI command: optuna's lines go through our handlers (the log file)
+            optuna.logging.disable_default_handler()
+            optuna.logging.enable_propagation()
+
         return OptunaSearch(metric=METRIC, mode="max", points_to_evaluate=points or None,
                             sampler=optuna.samplers.TPESampler(seed=seed))
     from ray.tune.search import BasicVariantGenerator
