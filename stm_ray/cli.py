@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "it goes only to the log file, <run_dir>/logs/, whose last lines an error prints)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", help="the whole loop on the embedded default, offline on a CPU (~9 min on 2 cores)",
+    p = sub.add_parser("demo", help="the whole loop on the embedded default, offline on a CPU (~10 min on 2 cores)",
                        description="The offline demo: the whole Synthesize-Train-Merge loop (stm-ray run) on the "
                                    "embedded default, with the built-in config stm_ray/configs/demo.yaml. Two clinical "
                                    "areas of ICD-10-CM (chapters 1-6 and 9-12) are two tasks: area A with its real "
