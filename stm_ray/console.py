@@ -145,7 +145,8 @@ def attach_run(run_dir: str | os.PathLike) -> Path | None:
     new.parent.mkdir(parents=True, exist_ok=True)
     old = _S.file
     if old is not None and old.is_file():
-        _S.handler.flush() if _S.handler else None
+        if _S.handler is not None:
+            _S.handler.flush()
         new.write_bytes(old.read_bytes())
     _S.file = new
     _open(new)
@@ -196,20 +197,12 @@ def _write_worker_lines(data: dict[str, Any]) -> None:
     who = data.get("actor_name") or data.get("task_name") or ""
     prefix = f"({who} pid={data.get('pid')}) " if who else f"(pid={data.get('pid')}) "
     try:
-        with handler.lock or _nolock():
+        with handler.lock:  # logging.Handler always has one (createLock)
             for line in lines:
                 handler.stream.write(prefix + line + "\n")
             handler.stream.flush()
     except (OSError, ValueError):
         pass
-
-
-class _nolock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def quiet_ray_logging() -> None:
